@@ -1,0 +1,27 @@
+"""FLM teacher, DiT-small on LM1B (method.md section 4; the paper's setting).
+
+V = 30522 (the size of BERT's uncased vocabulary; with no hub access we train a
+sentencepiece model of that size: `tools/pretokenize.py --vocab_size 30522`),
+L = 128, global batch 512, otherwise as configs/owt_small.py.
+
+    torchrun --nproc_per_node 8 run/train.py --config configs/lm1b_small.py
+"""
+
+from flm.config import Config, DataConfig, DistConfig, ModelConfig, OptimConfig
+
+config = Config(
+    objective="flm",
+    out_dir="runs/lm1b_small",
+    steps=1_000_000,
+    batch_size=512,
+    log_every=50,
+    eval_every=5000,
+    eval_batches=16,
+    sample_every=10000,
+    sample_steps=[8, 64, 1024],
+    ckpt_every=5000,
+    model=ModelConfig(vocab_size=30522, seq_len=128, dim=768, n_layers=12, n_heads=12, cond_dim=128),
+    data=DataConfig(path="data/lm1b/tokens", num_workers=4),
+    optim=OptimConfig(lr=3e-4, warmup_steps=2500, schedule="constant", grad_clip=1.0, ema_decay=0.9999),
+    dist=DistConfig(activation_checkpointing="off", mixed_precision="bf16"),
+)

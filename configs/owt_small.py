@@ -1,0 +1,34 @@
+"""FLM teacher, DiT-small on OpenWebText (method.md section 4; the paper's setting).
+
+12 blocks, hidden 768, 12 heads, time-conditioning 128; V = 50257 (a GPT-2-sized
+vocabulary: pretokenize with --vocab_size 50257), L = 1024, global batch 512,
+AdamW (0.9, 0.999) lr 3e-4, no weight decay, constant after 2500 warmup steps,
+clip 1.0, EMA 0.9999, bf16. 1M steps on 8 x H100:
+
+    torchrun --nproc_per_node 8 run/train.py --config configs/owt_small.py
+
+About 170M parameters of which 77M are the input and output matrices.
+"""
+
+from flm.config import Config, DataConfig, DistConfig, ModelConfig, OptimConfig
+
+config = Config(
+    objective="flm",
+    out_dir="runs/owt_small",
+    steps=1_000_000,
+    batch_size=512,
+    grad_accum=1,  # 64 sequences of 1024 per H100; raise on smaller GPUs
+    log_every=50,
+    eval_every=5000,
+    eval_batches=16,
+    sample_every=10000,
+    sample_steps=[8, 64, 1024],
+    ckpt_every=5000,
+    keep_checkpoints=3,
+    model=ModelConfig(vocab_size=50257, seq_len=1024, dim=768, n_layers=12, n_heads=12, cond_dim=128,
+                      dropout=0.0),
+    data=DataConfig(path="data/owt/tokens", num_workers=4),
+    optim=OptimConfig(lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=2500,
+                      schedule="constant", grad_clip=1.0, ema_decay=0.9999),
+    dist=DistConfig(replicate=1, activation_checkpointing="selective", mixed_precision="bf16"),
+)

@@ -1,0 +1,29 @@
+"""The README's CPU default: a tiny FLM on the embedded Shakespeare corpus.
+
+Trains in a few minutes on 2 CPU cores and visibly learns (validation loss
+falls well below its starting value of log V):
+
+    python run/train.py --config configs/tiny.py
+"""
+
+from flm.config import Config, DataConfig, DistConfig, ModelConfig, OptimConfig
+
+config = Config(
+    objective="flm",
+    out_dir="runs/tiny",
+    steps=300,
+    batch_size=32,
+    log_every=10,
+    eval_every=100,
+    eval_batches=4,
+    sample_every=300,
+    sample_steps=[1, 8, 64, 256],
+    num_samples=2,
+    ckpt_every=100,
+    keep_checkpoints=2,
+    model=ModelConfig(vocab_size=4096, seq_len=128, dim=192, n_layers=4, n_heads=4, cond_dim=64),
+    data=DataConfig(path="data/shakespeare/tokens", num_workers=1),
+    optim=OptimConfig(lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1,
+                      grad_clip=1.0, ema_decay=0.99),
+    dist=DistConfig(activation_checkpointing="off", mixed_precision="fp32"),
+)

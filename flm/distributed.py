@@ -1,0 +1,153 @@
+"""Process group, device mesh, activation checkpointing and FSDP2 sharding.
+
+The order matters and is the one torchtitan uses: build the model on the meta
+device, wrap blocks for activation checkpointing, ``fully_shard`` each block
+and then the root, and only then materialise (``to_empty``) and initialise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+log = logging.getLogger("flm")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group described by torchrun's environment.
+
+    Run without torchrun, the process forms a group of one, so the training
+    code has a single path. NCCL on GPU, gloo on CPU.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def build_mesh(info: DistInfo, replicate: int) -> DeviceMesh:
+    """A 1-D ``("shard",)`` mesh, or 2-D ``("replicate", "shard")`` for HSDP.
+
+    ``replicate`` is the number of model replicas (typically nodes); within a
+    replica, parameters are sharded. -1 means one replica per node.
+    """
+    if replicate == -1:
+        replicate = info.world_size // info.local_world_size
+    if replicate < 1 or info.world_size % replicate:
+        raise ValueError(f"dist.replicate={replicate} must divide the world size {info.world_size}")
+    if replicate == 1:
+        return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(info.device.type, (replicate, info.world_size // replicate),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def _selective_policy():
+    """Save matmul and attention outputs, recompute cheap pointwise ops and norms."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    save = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Wrap every ``model.blocks[i]``: "full" recomputes the whole block in the
+    backward pass, "selective" keeps matmul/attention outputs and recomputes the rest."""
+    if mode == "off":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    if mode == "full":
+        wrap = partial(checkpoint_wrapper, preserve_rng_state=True)
+    elif mode == "selective":
+        ctx = partial(create_selective_checkpoint_contexts, _selective_policy())
+        wrap = partial(checkpoint_wrapper, context_fn=ctx, preserve_rng_state=True)
+    else:
+        raise ValueError(f"dist.activation_checkpointing={mode!r}: expected off, full or selective")
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = wrap(block)
+
+
+def mixed_precision(mode: str, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 master weights and fp32 gradient reduction."""
+    if mode not in ("bf16", "fp32"):
+        raise ValueError(f"dist.mixed_precision={mode!r}: expected bf16 or fp32")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                cast_forward_inputs=cast_forward_inputs)
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, precision: str,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` each block, then the root (embeddings, time MLPs, output).
+
+    The root keeps its inputs in fp32: times t and noise levels g lose too much
+    in bf16 (1 - g near g = 1), so the model casts after its fp32 input maths;
+    blocks receive bf16 activations.
+    """
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mixed_precision(precision),
+                    reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mixed_precision(precision, cast_forward_inputs=False),
+                reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def clean_fqn(name: str) -> str:
+    """Parameter name without wrapper prefixes, as in an unwrapped model."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum float64 values over all ranks (losses, token counts)."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=device).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t

@@ -1,0 +1,211 @@
+"""Train an FLM teacher or distil it into a flow map, on one CPU or many GPUs.
+
+    torchrun --nproc_per_node 8 run/train.py --config configs/owt_small.py
+    python run/train.py --config configs/tiny.py --steps=200 --optim.lr=1e-3
+
+The whole step is in ``train`` below, top to bottom: data -> objective ->
+backward -> clip -> AdamW -> EMA -> metrics -> checkpoint. Everything it calls
+is a small module of ``flm``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import fire
+import torch
+
+from flm import checkpoint as ckpt
+from flm.config import Config, load_config
+from flm.data import Tokenizer, build_loader
+from flm.distributed import (all_reduce_sum, apply_activation_checkpointing, build_mesh,
+                             init_distributed, shard_model)
+from flm.flow import Tau, get_tau
+from flm.metrics import Logger, Throughput, peak_memory_gib, setup_logging
+from flm.model import DiT
+from flm.objectives import flm_loss, loss_by_bucket, stratified_times
+from flm.optim import EMA, build_optimizer, build_scheduler, clip_grad_norm
+from flm.sampling import euler_sample
+from flm.distill import Distiller
+
+log = logging.getLogger("flm")
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """Randomness of one step on one rank: a resumed step draws what the original drew.
+    ``rank=-1`` gives the generator shared by all ranks (stratified times)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(hash((seed, step, rank, stream)) % (2**63))
+    return g
+
+
+def train(config: str | None = None, **overrides) -> None:
+    cfg: Config = load_config(config, **overrides)
+    info = init_distributed()
+    setup_logging(info.rank)
+    device, world = info.device, info.world_size
+    out_dir = Path(cfg.out_dir)
+
+    # ---- batch layout: global batch = world * grad_accum * micro_batch ----
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world_size * grad_accum "
+                         f"= {world} * {cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    tokens_per_step = cfg.batch_size * cfg.model.seq_len
+
+    # ---- data ----
+    loader = build_loader(cfg.data.path, cfg.data.train_split, cfg.model.seq_len, micro, info.rank,
+                          world, cfg.seed, num_workers=cfg.data.num_workers,
+                          vocab_size=cfg.model.vocab_size)
+    tokenizer = Tokenizer.load(Path(cfg.data.path) / "tokenizer.model")
+
+    # ---- model: meta -> activation checkpointing -> fully_shard -> materialise -> init ----
+    mesh = build_mesh(info, cfg.dist.replicate)
+    torch.manual_seed(cfg.seed)
+    distiller = Distiller.build(cfg, mesh, device) if cfg.objective != "flm" else None
+    if info.is_main:  # after Distiller.build, which sets the student's backbone
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(cfg.to_json())
+    with torch.device("meta"):
+        model = DiT(cfg.model)
+    apply_activation_checkpointing(model, cfg.dist.activation_checkpointing)
+    shard_model(model, mesh, cfg.dist.mixed_precision)
+    model.to_empty(device=device)
+    model.init_weights()
+    if distiller:
+        distiller.init_student(model)
+    trainable = torch.nn.ModuleDict({"model": model})
+    if distiller and distiller.weighting is not None:
+        trainable["weighting"] = distiller.weighting
+    params = [p for p in trainable.parameters()]
+    optimizer = build_optimizer(params, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    ema = EMA(model, cfg.optim.ema_decay)
+    tau = get_tau(cfg.model.vocab_size) if cfg.flow.use_tau else Tau.identity()
+    log.info("model: %.2fM parameters, %d ranks, mesh %s, micro-batch %d x %d accumulation",
+             model.num_params() / 1e6, world, tuple(mesh.shape), micro, cfg.grad_accum)
+
+    # ---- resume: one DCP load restores everything the step loop depends on ----
+    state = ckpt.TrainState(out_dir, trainable, optimizer, scheduler, ema, loader, cfg.to_json(),
+                            distiller.provenance if distiller else None)
+    start = state.restore(ckpt.resolve_resume(cfg.resume, out_dir))
+
+    logger = Logger(out_dir / "tb", enabled=info.is_main)
+    flops = (model.flops_per_token(dense_input=True) * distiller.cost if distiller
+             else model.flops_per_token(dense_input=not cfg.flow.low_rank_noise))
+    throughput = Throughput(flops, world, device)
+    bucket_name = "loss_by_interval/d" if distiller else "loss_by_t/t"  # t - s, or t
+    data_iter = iter(loader)
+    stats = torch.zeros(2, 10, dtype=torch.float64, device=device)
+    loss_acc, n_acc, t_start = 0.0, 0, time.perf_counter()
+
+    for step in range(start, cfg.steps):
+        model.train()
+        torch.manual_seed(hash((cfg.seed, step, info.rank)) % (2**63))  # dropout
+        shared = step_generator(cfg.seed, step, -1, device)
+        local = step_generator(cfg.seed, step, info.rank, device)
+        num_global = cfg.batch_size
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for m in range(cfg.grad_accum):
+            ids = next(data_iter).to(device, non_blocking=True)
+            first = (m * world + info.rank) * micro  # global index of this micro-batch's first example
+            index = torch.arange(first, first + micro, device=device)
+            sync = m == cfg.grad_accum - 1
+            for module in trainable.values():
+                module.set_requires_gradient_sync(sync)
+            if distiller:
+                loss_sum, per_example, t = distiller.loss(model, ids, num_global, index, shared, local, tau)
+            else:
+                t = stratified_times(num_global, index, shared)
+                loss_sum, per_example = flm_loss(model, ids, t, tau, local, cfg.flow.low_rank_noise)
+            # FSDP averages gradients over ranks, so scale the local sum by
+            # world / global tokens: the gradient is that of the global token mean.
+            (loss_sum * world / tokens_per_step).backward()
+            step_loss += loss_sum.detach()
+            stats += loss_by_bucket(t, per_example)
+        grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        ema.update()
+        throughput.add(tokens_per_step)
+        loss_acc += all_reduce_sum([step_loss.item()], device).item() / tokens_per_step
+        n_acc += 1
+        done = step + 1
+
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            values = {"loss": loss_acc / n_acc, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      **throughput.read(), "peak_mem_gib": peak_memory_gib(device)}
+            logger.scalars(done, values, "train/")
+            logger.console(done, values)
+            buckets = all_reduce_sum(stats, device)
+            logger.scalars(done, {f"{bucket_name}{b / 10:.1f}": buckets[0, b].item() / buckets[1, b].item()
+                                  for b in range(10) if buckets[1, b] > 0})
+            if distiller:
+                logger.scalars(done, distiller.weighting_curve(device), "weighting/w_centred_")
+            stats.zero_()
+            loss_acc, n_acc = 0.0, 0
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val = validate(cfg, model, tau, distiller, info, device)
+            logger.scalars(done, {"loss": val}, "val/")
+            logger.console(done, {"val_loss": val})
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            with ema.averaged(model):
+                for steps_n, text in generate(cfg, model, tau, distiller, tokenizer, device):
+                    logger.text(done, f"samples/{steps_n}_steps", text)
+                    if info.is_main:
+                        log.info("sample (%d steps, EMA): %s", steps_n, text[:300].replace("\n", " / "))
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            path = state.save(done, cfg.keep_checkpoints)
+            log.info("checkpoint: %s", path)
+        logger.flush()
+    logger.close()
+    log.info("done: %d steps in %.1fs", cfg.steps - start, time.perf_counter() - t_start)
+    torch.distributed.destroy_process_group()
+
+
+@torch.no_grad()
+def validate(cfg: Config, model, tau, distiller, info, device) -> float:
+    """Mean validation loss over a fixed set of windows, times and noises."""
+    model.eval()
+    micro = max(1, cfg.batch_size // (info.world_size * cfg.grad_accum))
+    loader = build_loader(cfg.data.path, cfg.data.val_split, cfg.model.seq_len, micro, info.rank,
+                          info.world_size, cfg.seed, num_workers=0, shuffle=False, infinite=False)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    num_global = micro * info.world_size
+    for i, ids in zip(range(cfg.eval_batches), loader):
+        ids = ids.to(device)
+        shared = step_generator(cfg.seed, -1 - i, -1, device, stream=1)
+        local = step_generator(cfg.seed, -1 - i, info.rank, device, stream=1)
+        index = torch.arange(info.rank * micro, (info.rank + 1) * micro, device=device)
+        if distiller:
+            loss_sum, _, _ = distiller.loss(model, ids, num_global, index, shared, local, tau)
+        else:
+            t = stratified_times(num_global, index, shared)
+            loss_sum, _ = flm_loss(model, ids, t, tau, local, cfg.flow.low_rank_noise)
+        total += torch.stack([loss_sum.double(), torch.tensor(ids.numel(), dtype=torch.float64, device=device)])
+    total = all_reduce_sum(total, device)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+@torch.no_grad()
+def generate(cfg: Config, model, tau, distiller, tokenizer, device):
+    """Decoded samples at each of ``cfg.sample_steps`` (every rank runs the forwards)."""
+    model.eval()
+    for steps_n in cfg.sample_steps:
+        gen = step_generator(cfg.seed, steps_n, 0, device, stream=2)
+        if distiller:
+            ids = distiller.sample(model, tau, cfg.num_samples, steps_n, gen, device)
+        else:
+            ids = euler_sample(model, tau, cfg.num_samples, cfg.model.seq_len, cfg.model.vocab_size,
+                               steps_n, gen, device)
+        texts = [tokenizer.decode(row.tolist()) for row in ids.cpu()]
+        yield steps_n, "\n\n---\n\n".join(texts)
+
+
+if __name__ == "__main__":
+    fire.Fire(train)
