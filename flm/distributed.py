@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 log = logging.getLogger("flm")
 
@@ -151,3 +153,26 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, reference: Callable[[], nn.Module]) -> None:
+    """Allocate a meta-built, sharded model on ``device`` and initialise it.
+
+    On CUDA, DTensor's RNG tracker gives every shard its own slice of one random
+    stream, so ``init_weights`` runs directly on the shards. On CPU it does not
+    (each shard would draw the *same* numbers), so a full reference model is
+    initialised on the host and each rank keeps its slice: the result equals
+    the single-process initialisation for any world size.
+    """
+    model.to_empty(device=device)
+    if device.type == "cuda":
+        model.init_weights()
+        return
+    full = dict(reference().named_parameters())
+    for name, p in model.named_parameters():
+        src = full[clean_fqn(name)].to(device)
+        if isinstance(p, DTensor):
+            src = distribute_tensor(src, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p = p.to_local()
+        p.copy_(src)

@@ -23,7 +23,7 @@ from flm import checkpoint as ckpt
 from flm.config import Config, load_config
 from flm.data import Tokenizer, build_loader
 from flm.distributed import (all_reduce_sum, apply_activation_checkpointing, build_mesh,
-                             init_distributed, shard_model)
+                             init_distributed, materialize, shard_model)
 from flm.flow import Tau, get_tau
 from flm.metrics import Logger, Throughput, peak_memory_gib, setup_logging
 from flm.model import DiT
@@ -74,8 +74,7 @@ def train(config: str | None = None, **overrides) -> None:
         model = DiT(cfg.model)
     apply_activation_checkpointing(model, cfg.dist.activation_checkpointing)
     shard_model(model, mesh, cfg.dist.mixed_precision)
-    model.to_empty(device=device)
-    model.init_weights()
+    materialize(model, device, reference=lambda: DiT(cfg.model))
     if distiller:
         distiller.init_student(model)
     trainable = torch.nn.ModuleDict({"model": model})

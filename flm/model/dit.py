@@ -1,0 +1,226 @@
+"""The DiT backbone of the FLM denoiser D(x, t) and the flow-map students (method.md section 4).
+
+    h_0   = x @ W_in                                  (x: ids, dense (B, L, V) state, or given)
+    c     = SiLU(emb(t))            or  SiLU(emb(s) + emb'(t)) with two times
+    h_i+1 = Block_i(h_i, c, rope)                    (adaLN-modulated attention + MLP)
+    D     = Linear(modulate(LN(h_n), shift(c), scale(c)))   -> logits (B, L, V)
+
+Each block, with (shift, scale, gate) x 2 = Linear(c) (zero at init: blocks start as
+the identity) and modulate(y, shift, scale) = y (1 + scale) + shift:
+
+    h = h + gate_a * Proj(Attention(RoPE(Q), RoPE(K), V))(modulate(LN(h), shift_a, scale_a))
+    h = h + gate_m * MLP(modulate(LN(h), shift_m, scale_m)),   MLP = Linear, GELU(tanh), Linear
+
+LN has no affine parameters and is computed in float32. ``cfg.dropout`` applies to the
+two residual branches (as in MDLM's DDiT), not to the attention probabilities. The
+output layer is zero at init, so a fresh model predicts uniform logits (all zeros).
+
+Module names: ``tok_emb`` (nn.Embedding whose weight is W_in, V x d), ``time_emb`` and
+``time_emb2`` (the second time embedding emb', only with ``cfg.two_times``; its last
+layer is ``time_emb2.mlp[-1]``), ``blocks`` (nn.ModuleList of :class:`DiTBlock`, each
+called as ``block(h, c, rope)``), ``final`` (its projection is ``final.linear``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flm.config import ModelConfig
+from flm.flow import embed_noisy_tokens
+from flm.model.attention import attention
+
+_INIT_STD = 0.02
+_TIME_SCALE = 1000.0  # t in [0, 1] is scaled like a diffusion step index before the frequencies
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine parameters, in float32, returned in x's dtype."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6).type_as(x)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1.0 + scale) + shift
+
+
+def rotary(seq_len: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE (cos, sin) of the angles p theta^(-2k/Dh), positions p < L, pairs k < Dh/2: (L, Dh/2, 2).
+
+    Computed on the fly in float32: no buffer to re-initialise after meta construction.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def _apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_2k, x_2k+1) of every head of x (B, L, H, Dh) by its angle; in float32."""
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    cos, sin = rope.float()[:, None, :, :].unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class TimeEmbedding(nn.Module):
+    """emb(t) = MLP([cos(1000 t f_k), sin(1000 t f_k)]), f_k = 10000^(-k/(F/2)), k < F/2."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        k = torch.arange(half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(-math.log(10000.0) / half * k)
+        args = _TIME_SCALE * t.float()[:, None] * freqs[None, :]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class DiTBlock(nn.Module):
+    """One adaLN transformer block: ``forward(h (B, L, d), c (B, cond_dim), rope (L, Dh/2, 2))``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.dim % cfg.n_heads or (cfg.dim // cfg.n_heads) % 2:
+            raise ValueError(f"dim {cfg.dim} must split into {cfg.n_heads} heads of even width")
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        self.adaLN = nn.Linear(cfg.cond_dim, 6 * cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim)
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, dim = h.shape
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN(c)[:, None, :].chunk(6, dim=-1)
+        x = _modulate(_layer_norm(h), shift_a, scale_a)
+        q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).unbind(2)
+        a = attention(_apply_rotary(q, rope), _apply_rotary(k, rope), v)
+        h = h + gate_a * self.dropout(self.proj(a.reshape(batch, seq_len, dim)))
+        x = _modulate(_layer_norm(h), shift_m, scale_m)
+        return h + gate_m * self.dropout(self.mlp(x))
+
+
+class FinalLayer(nn.Module):
+    """logits = linear(modulate(LN(h), shift(c), scale(c))); ``adaLN`` and ``linear`` zero at init."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.adaLN = nn.Linear(cfg.cond_dim, 2 * cfg.dim)
+        self.linear = nn.Linear(cfg.dim, cfg.vocab_size)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(c)[:, None, :].chunk(2, dim=-1)
+        return self.linear(_modulate(_layer_norm(h), shift, scale))
+
+
+class DiT(nn.Module):
+    """Bidirectional DiT mapping a state x (ids, dense (B, L, V), or embedded) and times to logits."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.time_emb = TimeEmbedding(cfg.cond_dim)
+        self.time_emb2 = TimeEmbedding(cfg.cond_dim) if cfg.two_times else None
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
+        self.final = FinalLayer(cfg)
+        if not self.tok_emb.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter from the current RNG (there are no buffers).
+
+        Embedding and linear weights ~ N(0, 0.02^2), biases 0; the blocks' adaLN and the
+        whole final layer 0. Works after ``DiT(cfg)`` on the meta device + ``to_empty``.
+        """
+        nn.init.normal_(self.tok_emb.weight, std=_INIT_STD)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=_INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for layer in [block.adaLN for block in self.blocks] + [self.final.adaLN, self.final.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def condition(self, t: torch.Tensor, t2: torch.Tensor | None = None) -> torch.Tensor:
+        """c = SiLU(emb(t)), or SiLU(emb(t) + emb'(t2)) for a two-time model; (B, cond_dim)."""
+        if (t2 is None) == (self.time_emb2 is not None):
+            raise ValueError(f"two_times={self.cfg.two_times} but t2 was {'not ' if t2 is None else ''}given")
+        e = self.time_emb(t)
+        if self.time_emb2 is not None:
+            e = e + self.time_emb2(t2)
+        return F.silu(e)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t2: torch.Tensor | None = None,
+        *,
+        g: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Logits D(x, t) (or g(x, s=t, t=t2) for a two-time model), shape (B, L, V).
+
+        x: LongTensor ids (B, L), looked up as e(x) @ W_in = W_in[x]; or a float dense
+        state (B, L, V), embedded as x @ W_in (equal to the lookup for one-hot x).
+        With ``g`` (B,) and ids x, the input is the interpolant x_g = (1-g) eps + g e(x),
+        embedded by the low-rank shortcut :func:`flm.flow.embed_noisy_tokens` with noise
+        from ``generator``; it runs here so that W_in is read inside this module's forward
+        (unsharded under FSDP2). t, t2: (B,) in [0, 1].
+        """
+        w_in = self.tok_emb.weight
+        if g is not None:
+            h = embed_noisy_tokens(w_in, x, g, generator)
+        elif x.is_floating_point():
+            h = x.to(w_in.dtype) @ w_in
+        else:
+            h = self.tok_emb(x)
+        return self.forward_embedded(h, t, t2)
+
+    def forward_embedded(
+        self, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits from an already embedded input h = x @ W_in of shape (B, L, d)."""
+        c = self.condition(t, t2)
+        rope = rotary(h.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.device)
+        for block in self.blocks:
+            h = block(h, c, rope)
+        return self.final(h, c)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count; ``exclude_embedding`` leaves out W_in (V x d) but keeps the output layer."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None, dense_input: bool = False) -> int:
+        """Training (forward + backward) FLOPs per token, the usual 6N + attention estimate.
+
+            6 * (n_layers * (4 d^2 + 2 d d_mlp) + d V  [+ V d if dense_input])
+              + 12 * n_layers * d * L
+
+        N counts the per-token matmul weights: qkv and proj (4 d^2), MLP (2 d d_mlp), the
+        output layer (d V) and, for dense (B, L, V) inputs, the x @ W_in matmul (V d;
+        an id lookup costs nothing). 12 n_layers d L is QK^T and AV (2 * 2 L d per layer,
+        x3 for backward). Per-sequence work (time embeddings, adaLN), norms, softmax and
+        the low-rank shortcut (d^2 per token plus one V d^2 Gram per step) are left out.
+        Forward-only cost is one third of this.
+        """
+        cfg = self.cfg
+        seq_len = cfg.seq_len if seq_len is None else seq_len
+        d_mlp = int(cfg.mlp_ratio * cfg.dim)
+        n_matmul = cfg.n_layers * (4 * cfg.dim**2 + 2 * cfg.dim * d_mlp) + cfg.dim * cfg.vocab_size
+        if dense_input:
+            n_matmul += cfg.vocab_size * cfg.dim
+        return 6 * n_matmul + 12 * cfg.n_layers * cfg.dim * seq_len
