@@ -51,7 +51,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
-        if module in ("collections",) and name == "OrderedDict":
+        if (module, name) in {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
+                               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}:
             return super().find_class(module, name)
         if module == "builtins" and name in self._builtins:
             return super().find_class(module, name)

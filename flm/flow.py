@@ -180,19 +180,22 @@ def _normal(shape: tuple[int, ...], generator: torch.Generator | None, device: t
 
 
 def embed_noisy_tokens(
-    w_in: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, generator: torch.Generator | None = None
+    w_in: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, generator: torch.Generator | None = None,
+    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_g @ W_in without the (B, L, V) noise: (1 - g) z @ R + g W_in[x], z ~ N(0, I_d).
 
     eps @ W_in ~ N(0, W_in^T W_in) per position and so is z @ R (R^T R = W_in^T W_in),
     so the result has the law of the dense path :func:`embed_dense_noisy_tokens`, and
     gradients w.r.t. W_in agree in expectation (both are reparameterisations of the
-    same Gaussian). ``ids`` (B, L), ``g`` (B,); returns (B, L, d) in W_in's dtype.
+    same Gaussian). ``ids`` (B, L), ``g`` (B,); ``z`` (B, L, d) may be given instead of
+    ``generator``. Returns (B, L, d) in W_in's dtype.
     """
     vocab_size, dim = w_in.shape
     if vocab_size <= dim:  # no saving, and W_in^T W_in would be singular
         return embed_dense_noisy_tokens(w_in, ids, g, generator)
-    z = _normal((*ids.shape, dim), generator, w_in.device)
+    if z is None:
+        z = _normal((*ids.shape, dim), generator, w_in.device)
     g = _per_example(g.float(), 3)
     h = (1.0 - g) * (z @ noise_factor(w_in)) + g * w_in[ids].float()
     return h.to(w_in.dtype)

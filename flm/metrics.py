@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import sys
@@ -69,18 +70,22 @@ class Throughput:
 class Logger:
     """Scalars and text to TensorBoard (rank 0 only) and a console line."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool):
-        self.writer = None
+    def __init__(self, log_dir: str | Path, enabled: bool, jsonl: str | Path | None = None):
+        self.writer, self.jsonl = None, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir))
+            if jsonl is not None:  # every scalar at full precision, one JSON object per line
+                self.jsonl = open(jsonl, "a")
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if self.writer is None:
             return
         for k, v in values.items():
             self.writer.add_scalar(f"{prefix}{k}", v, step)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}) + "\n")
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.writer is not None:
@@ -94,10 +99,14 @@ class Logger:
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+        if self.jsonl is not None:
+            self.jsonl.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
 
 
 def _fmt(v: float) -> str:

@@ -25,8 +25,29 @@ def stratified_times(num_global: int, indices: torch.Tensor, shared_gen: torch.G
     return ((indices.double() + u) / num_global).float()
 
 
+def example_generators(seed: int, step: int, indices: torch.Tensor, device: torch.device,
+                       stream: int = 0) -> list[torch.Generator]:
+    """One generator per example, seeded by (seed, step, global example index).
+
+    Noise drawn from these does not depend on how the global batch is split
+    over ranks, so a run resumed on another number of processes sees the same
+    noise for the same example.
+    """
+    gens = []
+    for i in indices.tolist():
+        g = torch.Generator(device=device)
+        g.manual_seed(hash((seed, step, i, stream)) % (2**63))
+        gens.append(g)
+    return gens
+
+
+def example_normal(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Standard normal (len(gens), *shape), example b drawn from ``gens[b]``."""
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+
+
 def flm_loss(model: nn.Module, ids: torch.Tensor, t: torch.Tensor, tau: Tau,
-             generator: torch.Generator, low_rank_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+             gens: list[torch.Generator], low_rank_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy denoising loss of the FLM teacher (method.md section 1).
 
     x_g = (1 - g) eps + g e(x), g = tau(t), eps ~ N(0, I);
@@ -35,16 +56,17 @@ def flm_loss(model: nn.Module, ids: torch.Tensor, t: torch.Tensor, tau: Tau,
     With ``low_rank_noise`` the model embeds x_g through the shortcut
     x_g W_in = (1 - g) z R + g W_in[x], z ~ N(0, I_d), R^T R = W_in^T W_in,
     never materialising the (B, L, V) noise; otherwise the dense state is built.
+    Example b's noise comes from ``gens[b]`` (see :func:`example_generators`).
 
     Returns (sum of token losses, per-example mean loss detached) -- the latter
     for the loss-by-t figures.
     """
     g = tau(t)
     if low_rank_noise:
-        logits = model(ids, t, g=g, generator=generator)
+        z = example_normal((ids.shape[1], model.tok_emb.embedding_dim), gens, ids.device)
+        logits = model(ids, t, g=g, noise=z)
     else:
-        vocab = model.tok_emb.num_embeddings
-        eps = torch.randn(*ids.shape, vocab, generator=generator, device=ids.device)
+        eps = example_normal((ids.shape[1], model.tok_emb.num_embeddings), gens, ids.device)
         logits = model(interpolate(ids, eps, g), t)
     ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
     return ce.sum(), ce.detach().mean(1)

@@ -27,7 +27,7 @@ from flm.distributed import (all_reduce_sum, apply_activation_checkpointing, bui
 from flm.flow import Tau, get_tau
 from flm.metrics import Logger, Throughput, peak_memory_gib, setup_logging
 from flm.model import DiT
-from flm.objectives import flm_loss, loss_by_bucket, stratified_times
+from flm.objectives import example_generators, flm_loss, loss_by_bucket, stratified_times
 from flm.optim import EMA, build_optimizer, build_scheduler, clip_grad_norm
 from flm.sampling import euler_sample
 from flm.distill import Distiller
@@ -93,7 +93,7 @@ def train(config: str | None = None, **overrides) -> None:
                             distiller.provenance if distiller else None)
     start = state.restore(ckpt.resolve_resume(cfg.resume, out_dir))
 
-    logger = Logger(out_dir / "tb", enabled=info.is_main)
+    logger = Logger(out_dir / "tb", enabled=info.is_main, jsonl=out_dir / "metrics.jsonl")
     flops = (model.flops_per_token(dense_input=True) * distiller.cost if distiller
              else model.flops_per_token(dense_input=not cfg.flow.low_rank_noise))
     throughput = Throughput(flops, world, device)
@@ -120,7 +120,8 @@ def train(config: str | None = None, **overrides) -> None:
                 loss_sum, per_example, t = distiller.loss(model, ids, num_global, index, shared, local, tau)
             else:
                 t = stratified_times(num_global, index, shared)
-                loss_sum, per_example = flm_loss(model, ids, t, tau, local, cfg.flow.low_rank_noise)
+                gens = example_generators(cfg.seed, step, index, device)
+                loss_sum, per_example = flm_loss(model, ids, t, tau, gens, cfg.flow.low_rank_noise)
             # FSDP averages gradients over ranks, so scale the local sum by
             # world / global tokens: the gradient is that of the global token mean.
             (loss_sum * world / tokens_per_step).backward()
@@ -185,7 +186,8 @@ def validate(cfg: Config, model, tau, distiller, info, device) -> float:
             loss_sum, _, _ = distiller.loss(model, ids, num_global, index, shared, local, tau)
         else:
             t = stratified_times(num_global, index, shared)
-            loss_sum, _ = flm_loss(model, ids, t, tau, local, cfg.flow.low_rank_noise)
+            gens = example_generators(cfg.seed, -1 - i, index, device, stream=1)
+            loss_sum, _ = flm_loss(model, ids, t, tau, gens, cfg.flow.low_rank_noise)
         total += torch.stack([loss_sum.double(), torch.tensor(ids.numel(), dtype=torch.float64, device=device)])
     total = all_reduce_sum(total, device)
     return (total[0] / total[1].clamp(min=1)).item()

@@ -170,19 +170,21 @@ class DiT(nn.Module):
         *,
         g: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits D(x, t) (or g(x, s=t, t=t2) for a two-time model), shape (B, L, V).
 
         x: LongTensor ids (B, L), looked up as e(x) @ W_in = W_in[x]; or a float dense
         state (B, L, V), embedded as x @ W_in (equal to the lookup for one-hot x).
         With ``g`` (B,) and ids x, the input is the interpolant x_g = (1-g) eps + g e(x),
-        embedded by the low-rank shortcut :func:`flm.flow.embed_noisy_tokens` with noise
-        from ``generator``; it runs here so that W_in is read inside this module's forward
+        embedded by the low-rank shortcut :func:`flm.flow.embed_noisy_tokens` with
+        standard normal ``noise`` (B, L, d) or noise drawn from ``generator``; it runs
+        here so that W_in is read inside this module's forward
         (unsharded under FSDP2). t, t2: (B,) in [0, 1].
         """
         w_in = self.tok_emb.weight
         if g is not None:
-            h = embed_noisy_tokens(w_in, x, g, generator)
+            h = embed_noisy_tokens(w_in, x, g, generator, z=noise)
         elif x.is_floating_point():
             h = x.to(w_in.dtype) @ w_in
         else:
