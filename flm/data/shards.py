@@ -1,0 +1,437 @@
+"""Compressed token shards: the on-disk dataset format, its writer and its reader.
+
+The format is specified in ``FORMAT.md`` next to this file. In short: a dataset
+directory holds ``manifest.json`` (written last), ``tokenizer.model`` and, per
+split, shard files ``<split>-<NNNNN>.flm``. A split is one stream of token ids
+(each document followed by EOS) cut into shards of ``shard_tokens`` tokens; a
+shard is a sequence of independent zstd frames of ``frame_tokens`` tokens, then
+a uint64 frame-offset index, then a 32-byte footer. ``write_dataset`` writes a
+dataset atomically and deterministically; ``TokenDataset`` reads any token range
+of a split, decompressing only the frames it touches. Every integrity failure
+raises ``DataFormatError`` naming the file and the field or frame.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+FORMAT_NAME = "flm-tokens"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+DEFAULT_FRAME_TOKENS = 1024
+DEFAULT_SHARD_TOKENS = 1 << 26
+DEFAULT_LEVEL = 3
+DEFAULT_CACHE_BYTES = 32 << 20
+
+_FOOTER = struct.Struct("<8sQQII")
+_MAGIC = b"FLMTOKS1"
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+class DataFormatError(ValueError):
+    """A dataset on disk, or its use with a config, is invalid; the message says where and why."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Little-endian storage dtype for ids below ``vocab_size``."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a sibling temp dir ``<out_dir>.tmp-<pid>`` that replaces ``out_dir`` on success.
+
+    On any exception the temp dir is removed, so an interrupted writer never leaves
+    anything at ``out_dir``. An existing non-empty ``out_dir`` is an error unless
+    ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class _ShardFile:
+    """One shard being written: frames, then the frame index and the footer."""
+
+    def __init__(self, path: Path, frame_tokens: int, itemsize: int) -> None:
+        self.path, self.frame_tokens, self.itemsize = path, frame_tokens, itemsize
+        self.file, self.hash = open(path, "wb"), hashlib.sha256()
+        self.offsets, self.num_tokens = [0], 0
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+
+    def add_frame(self, compressed: bytes, num_tokens: int) -> None:
+        self._write(compressed)
+        self.offsets.append(self.offsets[-1] + len(compressed))
+        self.num_tokens += num_tokens
+
+    def close(self) -> dict[str, Any]:
+        """Write index and footer, fsync, and return the shard's manifest entry."""
+        num_frames = len(self.offsets) - 1
+        tail = np.asarray(self.offsets, "<u8").tobytes() + _FOOTER.pack(
+            _MAGIC, self.num_tokens, num_frames, self.frame_tokens, self.itemsize)
+        self._write(tail)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return {"file": self.path.name, "num_tokens": self.num_tokens, "num_frames": num_frames,
+                "bytes": self.offsets[-1] + len(tail), "sha256": self.hash.hexdigest()}
+
+
+class _SplitWriter:
+    """Packs the documents of one split into a stream of frames and shards."""
+
+    def __init__(self, directory: Path, split: str, vocab_size: int, eos_id: int,
+                 frame_tokens: int, shard_tokens: int, level: int) -> None:
+        self.directory, self.split = directory, split
+        self.vocab_size, self.eos = vocab_size, np.array([eos_id])
+        self.frame_tokens, self.shard_tokens = frame_tokens, shard_tokens
+        self.compressor = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                                  write_checksum=True)
+        self.frame = np.empty(frame_tokens, token_dtype(vocab_size))
+        self.fill = 0
+        self.shards: list[dict[str, Any]] = []
+        self.num_documents = 0
+        self._shard: _ShardFile | None = None
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+            raise DataFormatError(f"split '{self.split}' document {self.num_documents}: expected a 1-D "
+                                  f"integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0]
+            raise DataFormatError(f"split '{self.split}' document {self.num_documents}: token id {bad} "
+                                  f"is outside [0, vocab_size={self.vocab_size})")
+        self._append(tokens)
+        self._append(self.eos)
+        self.num_documents += 1
+
+    def _append(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            n = min(tokens.size, self.frame_tokens - self.fill)
+            self.frame[self.fill:self.fill + n] = tokens[:n]
+            self.fill += n
+            tokens = tokens[n:]
+            if self.fill == self.frame_tokens:
+                self._flush_frame()
+
+    def _flush_frame(self) -> None:
+        if self._shard is None:
+            path = self.directory / f"{self.split}-{len(self.shards):05d}.flm"
+            self._shard = _ShardFile(path, self.frame_tokens, self.frame.itemsize)
+        self._shard.add_frame(self.compressor.compress(self.frame[:self.fill].tobytes()), self.fill)
+        self.fill = 0
+        if self._shard.num_tokens == self.shard_tokens:
+            self.shards.append(self._shard.close())
+            self._shard = None
+
+    def finish(self) -> dict[str, Any]:
+        if self.fill:
+            self._flush_frame()
+        if self._shard is not None:
+            self.shards.append(self._shard.close())
+        return {"num_tokens": sum(s["num_tokens"] for s in self.shards),
+                "num_documents": self.num_documents, "shards": self.shards}
+
+
+def write_dataset(out_dir: str | os.PathLike, splits: Mapping[str, Iterable[np.ndarray]],
+                  tokenizer_path: str | os.PathLike, vocab_size: int, eos_id: int, *,
+                  frame_tokens: int = DEFAULT_FRAME_TOKENS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                  level: int = DEFAULT_LEVEL, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``splits`` (name -> iterable of per-document token arrays) as a dataset at ``out_dir``.
+
+    Splits are consumed lazily, in order. The write is atomic (see ``atomic_directory``)
+    and deterministic. Returns the manifest.
+    """
+    if frame_tokens <= 0 or shard_tokens <= 0 or shard_tokens % frame_tokens:
+        raise ValueError(f"shard_tokens ({shard_tokens}) must be a positive multiple of "
+                         f"frame_tokens ({frame_tokens})")
+    if not 0 <= eos_id < vocab_size:
+        raise ValueError(f"eos_id {eos_id} is outside [0, vocab_size={vocab_size})")
+    with atomic_directory(out_dir, overwrite) as tmp:
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        infos = {}
+        for split, documents in splits.items():
+            if not _SPLIT_NAME.match(split):
+                raise ValueError(f"split name {split!r} must match {_SPLIT_NAME.pattern}")
+            writer = _SplitWriter(tmp, split, vocab_size, eos_id, frame_tokens, shard_tokens, level)
+            for document in documents:
+                writer.add_document(document)
+            infos[split] = writer.finish()
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(tmp / TOKENIZER_FILE)},
+            "vocab_size": vocab_size, "eos_id": eos_id, "dtype": token_dtype(vocab_size).name,
+            "frame_tokens": frame_tokens, "shard_tokens": shard_tokens,
+            "compression": {"codec": "zstd", "level": level}, "splits": infos,
+        }
+        with open(tmp / MANIFEST_FILE, "w") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return manifest
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _field(obj: Any, key: str, kind: type, where: str, path: Path) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataFormatError(f"{path}: missing field '{where}{key}' (expected {kind.__name__})")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataFormatError(f"{path}: field '{where}{key}' is {value!r}, expected {kind.__name__}")
+    return value
+
+
+def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``<dataset_dir>/manifest.json``; raise DataFormatError if invalid."""
+    path = Path(dataset_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise DataFormatError(f"{path}: manifest not found; {dataset_dir} is not a complete flm dataset "
+                              "(create one with tools/pretokenize.py)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"{path}: not valid JSON ({e})") from None
+    if _field(manifest, "format", str, "", path) != FORMAT_NAME:
+        raise DataFormatError(f"{path}: field 'format' is {manifest['format']!r}, expected {FORMAT_NAME!r}")
+    version = _field(manifest, "format_version", int, "", path)
+    if version != FORMAT_VERSION:
+        raise DataFormatError(f"{path}: unsupported format_version {version}; expected {FORMAT_VERSION} "
+                              f"(re-create the dataset with this version's tools/pretokenize.py)")
+    _field(_field(manifest, "tokenizer", dict, "", path), "file", str, "tokenizer.", path)
+    _field(manifest["tokenizer"], "sha256", str, "tokenizer.", path)
+    vocab_size = _field(manifest, "vocab_size", int, "", path)
+    if not 0 <= _field(manifest, "eos_id", int, "", path) < vocab_size:
+        raise DataFormatError(f"{path}: field 'eos_id' is outside [0, vocab_size={vocab_size})")
+    if _field(manifest, "dtype", str, "", path) != token_dtype(vocab_size).name:
+        raise DataFormatError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected "
+                              f"{token_dtype(vocab_size).name!r} for vocab_size {vocab_size}")
+    frame_tokens = _field(manifest, "frame_tokens", int, "", path)
+    if frame_tokens <= 0:
+        raise DataFormatError(f"{path}: field 'frame_tokens' must be positive")
+    for name, split in _field(manifest, "splits", dict, "", path).items():
+        where = f"splits.{name}."
+        total = _field(split, "num_tokens", int, where, path)
+        _field(split, "num_documents", int, where, path)
+        shards = _field(split, "shards", list, where, path)
+        for i, shard in enumerate(shards):
+            at = f"{where}shards[{i}]."
+            file = _field(shard, "file", str, at, path)
+            if Path(file).name != file or file in ("", ".", ".."):
+                raise DataFormatError(f"{path}: field '{at}file' must be a plain file name, got {file!r}")
+            tokens = _field(shard, "num_tokens", int, at, path)
+            if _field(shard, "num_frames", int, at, path) != -(-tokens // frame_tokens) or tokens <= 0:
+                raise DataFormatError(f"{path}: field '{at}num_frames' is inconsistent with "
+                                      f"num_tokens {tokens} and frame_tokens {frame_tokens}")
+            _field(shard, "bytes", int, at, path)
+            _field(shard, "sha256", str, at, path)
+        if total != sum(s["num_tokens"] for s in shards):
+            raise DataFormatError(f"{path}: field '{where}num_tokens' ({total}) is not the sum of its shards")
+    return manifest
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class _Shard:
+    """One memory-mapped shard file; checks size, footer and frame index at open."""
+
+    def __init__(self, path: Path, info: dict[str, Any], frame_tokens: int, dtype: np.dtype) -> None:
+        self.path, self.frame_tokens, self.dtype = path, frame_tokens, dtype
+        self.num_tokens, self.num_frames = info["num_tokens"], info["num_frames"]
+        if not path.is_file():
+            raise DataFormatError(f"{path}: shard file listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise DataFormatError(f"{path}: file is {size} bytes but the manifest records {info['bytes']} "
+                                  "(truncated or modified shard)")
+        index_start = size - _FOOTER.size - 8 * (self.num_frames + 1)
+        if index_start < 0:
+            raise DataFormatError(f"{path}: file too small ({size} bytes) for {self.num_frames} frames")
+        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        magic, tokens, frames, frame_tokens_, itemsize = _FOOTER.unpack(self.data[-_FOOTER.size:].tobytes())
+        expected = (_MAGIC, self.num_tokens, self.num_frames, frame_tokens, dtype.itemsize)
+        if (magic, tokens, frames, frame_tokens_, itemsize) != expected:
+            raise DataFormatError(f"{path}: footer (magic, num_tokens, num_frames, frame_tokens, itemsize) = "
+                                  f"{(magic, tokens, frames, frame_tokens_, itemsize)}, expected {expected}")
+        offsets = np.frombuffer(self.data[index_start:size - _FOOTER.size].tobytes(), "<u8")
+        if offsets[0] != 0 or offsets[-1] != index_start or np.any(np.diff(offsets.astype(np.int64)) <= 0):
+            raise DataFormatError(f"{path}: frame index is inconsistent (offsets must rise from 0 to {index_start})")
+        self.offsets = offsets.tolist()
+
+    def frame(self, i: int, dctx: zstandard.ZstdDecompressor) -> np.ndarray:
+        """Decompress frame ``i`` into a read-only token array."""
+        nbytes = min(self.frame_tokens, self.num_tokens - i * self.frame_tokens) * self.dtype.itemsize
+        compressed = self.data[self.offsets[i]:self.offsets[i + 1]]
+        try:
+            declared = zstandard.frame_content_size(compressed)
+            if declared != nbytes:
+                raise DataFormatError(f"{self.path}: frame {i}: header declares {declared} bytes, expected {nbytes}")
+            raw = dctx.decompress(compressed)
+        except zstandard.ZstdError as e:
+            raise DataFormatError(f"{self.path}: frame {i}: corrupt zstd frame ({e})") from None
+        if len(raw) != nbytes:
+            raise DataFormatError(f"{self.path}: frame {i}: decompressed to {len(raw)} bytes, expected {nbytes}")
+        return np.frombuffer(raw, self.dtype)
+
+
+class TokenDataset:
+    """Random access to the token stream of one split of a dataset directory.
+
+    Shards are memory-mapped; only the frames a read touches are decompressed, and
+    the most recent ones are kept in a per-process LRU cache of ``cache_bytes``
+    (``cache_hits`` / ``cache_misses`` count frame lookups).
+    Forked DataLoader workers inherit read-only maps and a private copy of the
+    cache; pickling (spawn) drops both and re-opens the shards in the new process.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train",
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.path, self.split = Path(path), split
+        self.manifest = load_manifest(self.path)
+        if split not in self.manifest["splits"]:
+            raise DataFormatError(f"{self.path / MANIFEST_FILE}: no split '{split}' "
+                                  f"(available: {sorted(self.manifest['splits'])})")
+        info = self.manifest["splits"][split]
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.eos_id: int = self.manifest["eos_id"]
+        self.dtype = token_dtype(self.vocab_size)
+        self.frame_tokens: int = self.manifest["frame_tokens"]
+        self.num_tokens: int = info["num_tokens"]
+        self.num_documents: int = info["num_documents"]
+        self._shard_infos = info["shards"]
+        self._starts = np.cumsum([0] + [s["num_tokens"] for s in self._shard_infos]).tolist()
+        self._cache_frames = max(1, cache_bytes // (self.frame_tokens * self.dtype.itemsize))
+        self._open()
+
+    def _open(self) -> None:
+        self._shards = [_Shard(self.path / s["file"], s, self.frame_tokens, self.dtype) for s in self._shard_infos]
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._dctx = zstandard.ZstdDecompressor()
+        self.cache_hits = self.cache_misses = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_shards", "_cache", "_dctx")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def _frame(self, shard: int, frame: int) -> np.ndarray:
+        key = (shard, frame)
+        tokens = self._cache.get(key)
+        if tokens is None:
+            self.cache_misses += 1
+            tokens = self._cache[key] = self._shards[shard].frame(frame, self._dctx)
+            if len(self._cache) > self._cache_frames:
+                self._cache.popitem(last=False)
+        else:
+            self.cache_hits += 1
+            self._cache.move_to_end(key)
+        return tokens
+
+    def read(self, start: int, length: int, dtype: np.dtype | None = None) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the split (as ``dtype``, default the stored one)."""
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(f"read [{start}, {start + length}) is outside split '{self.split}' "
+                             f"of {self.num_tokens} tokens")
+        out = np.empty(length, dtype or self.dtype)
+        done = 0
+        while done < length:
+            pos = start + done
+            shard = bisect.bisect_right(self._starts, pos) - 1
+            frame, offset = divmod(pos - self._starts[shard], self.frame_tokens)
+            tokens = self._frame(shard, frame)
+            n = min(length - done, tokens.size - offset)
+            out[done:done + n] = tokens[offset:offset + n]
+            done += n
+        return out
+
+    def verify(self) -> None:
+        """Full integrity check of this split: tokenizer and shard checksums, every frame, every id."""
+        check_tokenizer(self.path, self.path / self.manifest["tokenizer"]["file"])
+        for shard, info in zip(self._shards, self._shard_infos):
+            digest = sha256_file(shard.path)
+            if digest != info["sha256"]:
+                raise DataFormatError(f"{shard.path}: sha256 {digest} does not match the manifest's "
+                                      f"{info['sha256']} (corrupt or modified shard)")
+            for i in range(shard.num_frames):
+                tokens = shard.frame(i, self._dctx)
+                if tokens.size and tokens.max() >= self.vocab_size:
+                    at = int(np.argmax(tokens >= self.vocab_size))
+                    raise DataFormatError(f"{shard.path}: frame {i}: token id {tokens[at]} at shard position "
+                                          f"{i * self.frame_tokens + at} is >= vocab_size {self.vocab_size}")
+
+
+def check_tokenizer(dataset_dir: str | os.PathLike, tokenizer_path: str | os.PathLike) -> None:
+    """Raise DataFormatError unless ``tokenizer_path`` is the tokenizer the dataset was made with."""
+    manifest = load_manifest(dataset_dir)
+    recorded, actual = manifest["tokenizer"]["sha256"], sha256_file(tokenizer_path)
+    if actual != recorded:
+        raise DataFormatError(f"tokenizer {tokenizer_path} (sha256 {actual[:16]}...) differs from the one "
+                              f"recorded in {Path(dataset_dir) / MANIFEST_FILE} (sha256 {recorded[:16]}...); "
+                              "the dataset was tokenised with a different tokenizer")
+
+
+def check_compatible(dataset: TokenDataset, vocab_size: int | None, seq_len: int) -> None:
+    """Raise DataFormatError if a config's ``model.vocab_size`` or ``data.seq_len`` doesn't fit ``dataset``."""
+    if vocab_size is not None and vocab_size != dataset.vocab_size:
+        raise DataFormatError(f"model.vocab_size={vocab_size} disagrees with the dataset {dataset.path} "
+                              f"(vocab_size={dataset.vocab_size}); set model.vocab_size={dataset.vocab_size}")
+    if seq_len <= 0 or seq_len > dataset.num_tokens:
+        raise DataFormatError(f"data.seq_len={seq_len} must be in [1, {dataset.num_tokens}], the number of "
+                              f"tokens in split '{dataset.split}' of {dataset.path}")

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Benchmarks (not tests): ``python tools/bench.py <command> [--flags]``.
+
+    reader        random seq_len windows from compressed shards vs an uncompressed np.memmap
+    pretokenize   pretokenize throughput and shard compression ratio on the embedded corpus
+
+Each command is a function registered in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+try:
+    import flm.data  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fire
+import numpy as np
+import torch
+
+from flm.data import TokenDataset, WindowDataset, write_dataset
+from flm.data.shards import DEFAULT_CACHE_BYTES, DEFAULT_FRAME_TOKENS, token_dtype
+
+CORPUS_TEXT = Path("data/shakespeare/text")
+CORPUS_TOKENS = Path("data/shakespeare/tokens")
+
+
+def _seconds(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``; CPU time is robust to other load."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _rates(num_tokens: int, fn: Callable[[], object]) -> tuple[float, float]:
+    """Millions of tokens per wall second and per CPU second."""
+    wall, cpu = _seconds(fn)
+    return num_tokens / wall / 1e6, num_tokens / cpu / 1e6
+
+
+def _bench_tokens(data: Path, num_tokens: int, seed: int, scratch: Path) -> tuple[np.ndarray, Path, int, int, str]:
+    """(tokens, tokenizer file, vocab_size, eos_id, description) of ``num_tokens`` benchmark tokens."""
+    if (data / "manifest.json").is_file():
+        real = TokenDataset(data, "train")
+        tokens = np.resize(real.read(0, real.num_tokens), num_tokens)
+        return (tokens, data / "tokenizer.model", real.vocab_size, real.eos_id,
+                f"{data} train split ({real.num_tokens:,} tokens) tiled")
+    vocab_size, eos_id = 8192, 2
+    placeholder = scratch / "no-tokenizer.model"
+    placeholder.write_text("synthetic benchmark tokens; no tokenizer\n")
+    ranks = np.random.default_rng(seed).zipf(1.1, num_tokens)
+    tokens = np.minimum(ranks + eos_id, vocab_size - 1)
+    return tokens, placeholder, vocab_size, eos_id, "i.i.d. Zipf(1.1) ids over a vocabulary of 8192"
+
+
+def reader(data: str = str(CORPUS_TOKENS), tokens: int = 50_000_000, seq_len: int = 1024,
+           windows: int = 50_000, frame_tokens: int = DEFAULT_FRAME_TOKENS,
+           cache_bytes: int = DEFAULT_CACHE_BYTES, seed: int = 0) -> None:
+    """Tokens/s of random (WindowDataset-aligned) windows: compressed shards vs uncompressed memmap.
+
+    Both read the same ``tokens`` ids (the real dataset at ``data`` tiled, else Zipf
+    noise) and return int64 tensors, as ``WindowDataset`` does; one process, one core.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        stream, tokenizer, vocab_size, eos_id, description = _bench_tokens(Path(data), tokens, seed, scratch)
+        documents = np.array_split(stream, max(1, tokens // 1_000_000))
+        write_dataset(scratch / "tokens", {"train": documents}, tokenizer, vocab_size, eos_id,
+                      frame_tokens=frame_tokens)
+        written = TokenDataset(scratch / "tokens", "train")
+        np.save(scratch / "raw.npy", written.read(0, written.num_tokens))
+        raw = np.load(scratch / "raw.npy", mmap_mode="r")
+        stored = sum(s["bytes"] for s in written.manifest["splits"]["train"]["shards"])
+        picks = np.random.default_rng(seed).integers(0, written.num_tokens // seq_len, windows).tolist()
+
+        def read_raw() -> None:
+            for i in picks:
+                torch.from_numpy(raw[i * seq_len:(i + 1) * seq_len].astype(np.int64))
+
+        def read_compressed(dataset: TokenDataset) -> Callable[[], None]:
+            def run() -> None:
+                window_dataset = WindowDataset(dataset, seq_len)
+                for i in picks:
+                    window_dataset[i]
+            return run
+
+        read_raw()  # warm the page cache for both files
+        read_compressed(TokenDataset(scratch / "tokens", "train", 0))()
+        raw_rate = _rates(windows * seq_len, read_raw)
+        compressed = TokenDataset(scratch / "tokens", "train", cache_bytes)  # cold cache
+        z_rate = _rates(windows * seq_len, read_compressed(compressed))
+        uncached = TokenDataset(scratch / "tokens", "train", cache_bytes=0)
+        uncached_rate = _rates(windows * seq_len, read_compressed(uncached))
+        lookups = compressed.cache_hits + compressed.cache_misses
+        itemsize = token_dtype(vocab_size).itemsize
+        print(f"tokens:        {written.num_tokens:,} ({description})")
+        print(f"shards:        frame_tokens={frame_tokens}, {stored / 1e6:.1f} MB zstd vs "
+              f"{written.num_tokens * itemsize / 1e6:.1f} MB raw (ratio "
+              f"{written.num_tokens * itemsize / stored:.2f})")
+        print(f"workload:      {windows:,} random windows of seq_len={seq_len} (fixed seed {seed}), int64 tensors")
+        print("M tokens/s:      wall   per CPU-s   ratio (CPU)")
+        print(f"uncompressed:  {raw_rate[0]:6.1f}   {raw_rate[1]:9.1f}           np.memmap")
+        for name, rate, note in (("compressed:  ", z_rate, f"LRU cache {cache_bytes >> 20} MiB, hit rate "
+                                  f"{compressed.cache_hits / lookups:.1%}"),
+                                 ("  no cache:  ", uncached_rate, "every window decompresses its frame")):
+            print(f"{name}  {rate[0]:6.1f}   {rate[1]:9.1f}   {rate[1] / raw_rate[1]:5.2f}x   {note}")
+
+
+def pretokenize(text_dir: str = str(CORPUS_TEXT), vocab_size: int = 8192, workers: int | None = None,
+                frame_sizes: tuple[int, ...] = (1024, 2048, 4096, 16384, 65536)) -> None:
+    """Pretokenize the corpus at ``text_dir`` (train/ and validation/) into a scratch dir and report
+    throughput (MB of text/s/worker) and the compression ratio of the shards for several frame sizes."""
+    from pretokenize import pretokenize as run_pretokenize  # tools/pretokenize.py
+
+    text = Path(text_dir)
+    if not (text / "train").is_dir():
+        sys.exit(f"bench: {text}/train not found; run `python tools/fetch_corpus.py` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tokens"
+        summary = run_pretokenize(inputs=str(text / "train"), val_inputs=str(text / "validation"), out=str(out),
+                                  vocab_size=vocab_size, workers=workers)
+        dataset = TokenDataset(out, "train")
+        stream = dataset.read(0, dataset.num_tokens)
+        raw_mb = stream.nbytes / 1e6
+        print(f"\npretokenize:   {summary['mb_per_s_per_worker']:.2f} MB text/s/worker "
+              f"({summary['text_mb']:.1f} MB in {summary['tokenize_seconds']:.1f} s)")
+        print(f"compression of the train split ({dataset.num_tokens:,} tokens, {raw_mb:.2f} MB as {stream.dtype}):")
+        for frame_tokens in frame_sizes:
+            manifest = write_dataset(Path(tmp) / f"f{frame_tokens}", {"train": [stream]}, out / "tokenizer.model",
+                                     dataset.vocab_size, dataset.eos_id, frame_tokens=frame_tokens)
+            stored = manifest["splits"]["train"]["shards"][0]["bytes"]
+            default = "  (default)" if frame_tokens == DEFAULT_FRAME_TOKENS else ""
+            ratio = raw_mb * 1e6 / stored
+            print(f"  frame_tokens={frame_tokens:>6}: {stored / 1e6:6.2f} MB, ratio {ratio:.2f}{default}")
+
+
+COMMANDS: dict[str, Callable[..., None]] = {"reader": reader, "pretokenize": pretokenize}
+
+if __name__ == "__main__":
+    fire.Fire(COMMANDS)
