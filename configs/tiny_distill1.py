@@ -1,0 +1,30 @@
+"""Stage-1 flow-map distillation of the tiny teacher (configs/tiny.py) on CPU.
+
+    python run/train.py --config configs/tiny_distill1.py
+
+The student (teacher backbone + second time embedding, output layer zeroed)
+learns the residual g(x, s, t) of X_{s,t} = x + Delta v(x, s) + 0.5 Delta^2 g
+against the frozen teacher's two-half-step target (method.md section 2).
+"""
+
+from flm.config import Config, DataConfig, DistConfig, DistillConfig, ModelConfig, OptimConfig
+
+config = Config(
+    objective="fmlm_stage1",
+    out_dir="runs/tiny_distill1",
+    steps=150,
+    batch_size=16,
+    log_every=10,
+    eval_every=150,
+    eval_batches=2,
+    sample_every=150,
+    sample_steps=[1, 2, 4],
+    num_samples=2,
+    ckpt_every=50,
+    keep_checkpoints=1,
+    model=ModelConfig(vocab_size=4096, seq_len=128),  # the rest comes from the teacher
+    data=DataConfig(path="data/shakespeare/tokens", num_workers=1),
+    optim=OptimConfig(lr=3e-4, warmup_steps=10, schedule="constant", grad_clip=1.0, ema_decay=0.99),
+    distill=DistillConfig(teacher="runs/tiny/checkpoints/step_00000300", boundary_prob=64),
+    dist=DistConfig(mixed_precision="fp32"),
+)

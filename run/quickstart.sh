@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's main job on the embedded corpus, on CPU in about 15 minutes:
+#   fetch Shakespeare -> pretokenize -> train a tiny FLM -> sample at 1, 8, 64, 256 steps.
+# Re-running skips finished work (cached corpus and dataset, auto-resume).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python tools/fetch_corpus.py --out_dir data/shakespeare/text
+if [ ! -f data/shakespeare/tokens/manifest.json ]; then
+  python tools/pretokenize.py data/shakespeare/text/train data/shakespeare/tokens \
+      --val_inputs data/shakespeare/text/validation --vocab_size 4096
+fi
+python run/train.py --config configs/tiny.py
+last=$(ls -d runs/tiny/checkpoints/step_* | tail -n 1)
+python run/sample.py "$last" --steps 1,8,64,256 --num 2 --out runs/tiny/samples.jsonl
