@@ -3,6 +3,7 @@
 
     reader        random seq_len windows from compressed shards vs an uncompressed np.memmap
     pretokenize   pretokenize throughput and shard compression ratio on the embedded corpus
+    teacher_step  FLM training step: low-rank noise embedding vs the dense (B, L, V) path
 
 Each command is a function registered in ``COMMANDS``.
 """
@@ -140,7 +141,75 @@ def pretokenize(text_dir: str = str(CORPUS_TEXT), vocab_size: int = 8192, worker
             print(f"  frame_tokens={frame_tokens:>6}: {stored / 1e6:6.2f} MB, ratio {ratio:.2f}{default}")
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"reader": reader, "pretokenize": pretokenize}
+def _teacher_step_worker(low_rank: bool, vocab_size: int, seq_len: int, batch: int, dim: int, layers: int,
+                         steps: int, queue) -> None:
+    """One path in a fresh process, so that its peak RSS is its own."""
+    import resource
+
+    from flm.config import ModelConfig
+    from flm.flow import get_tau
+    from flm.model import DiT
+    from flm.objectives import example_generators, flm_loss
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, seq_len=seq_len, dim=dim, n_layers=layers, n_heads=max(1, dim // 64),
+                      cond_dim=128)
+    model = DiT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tau = get_tau(vocab_size)
+    ids = torch.randint(0, vocab_size, (batch, seq_len))
+    index = torch.arange(batch)
+
+    def step(i: int) -> None:
+        t = (index + 0.5) / batch
+        loss, _ = flm_loss(model, ids, t, tau, example_generators(0, i, index, torch.device("cpu")), low_rank)
+        (loss / ids.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(-1)  # warm-up: allocator, optimizer state
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"tokens_per_s": steps * batch * seq_len / seconds, "peak_rss_gib": peak / 2**20,
+               "step_s": seconds / steps, "params_m": model.num_params() / 1e6, "base_rss_gib": base / 2**20})
+
+
+def teacher_step(vocab_size: int = 32000, seq_len: int = 256, batch: int = 8, dim: int = 256, layers: int = 4,
+                 steps: int = 5) -> None:
+    """Tokens/s and peak memory of the FLM training step (fwd + bwd + AdamW), CPU.
+
+    "low-rank": x_g W_in = (1 - g) z R + g W_in[x] with z ~ N(0, I_d) per token (the
+    (B, L, V) noise is never built); "dense": eps ~ N(0, I) of shape (B, L, V), x_g
+    formed, x_g @ W_in. Each path runs in its own process; peak memory is that
+    process's max RSS (model, optimizer and activations included).
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for name, low_rank in (("dense", False), ("low-rank", True)):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_teacher_step_worker,
+                           args=(low_rank, vocab_size, seq_len, batch, dim, layers, steps, queue))
+        proc.start()
+        results[name] = queue.get()
+        proc.join()
+    d, r = results["dense"], results["low-rank"]
+    print(f"DiT {dim}x{layers} ({d['params_m']:.1f}M params), V={vocab_size}, L={seq_len}, batch {batch}, "
+          f"{steps} timed steps, {torch.get_num_threads()} threads")
+    print("path        tokens/s   step s   peak RSS GiB")
+    for name, x in results.items():
+        print(f"{name:10s} {x['tokens_per_s']:9.0f}  {x['step_s']:7.3f}   {x['peak_rss_gib']:8.2f}")
+    print(f"low-rank / dense: {r['tokens_per_s'] / d['tokens_per_s']:.2f}x tokens/s, "
+          f"{r['peak_rss_gib'] / d['peak_rss_gib']:.2f}x peak memory")
+
+
+COMMANDS: dict[str, Callable[..., None]] = {"reader": reader, "pretokenize": pretokenize,
+                                            "teacher_step": teacher_step}
 
 if __name__ == "__main__":
     fire.Fire(COMMANDS)
