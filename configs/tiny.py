@@ -21,9 +21,9 @@ config = Config(
     num_samples=2,
     ckpt_every=100,
     keep_checkpoints=2,
-    model=ModelConfig(vocab_size=4096, seq_len=128, dim=192, n_layers=4, n_heads=4, cond_dim=64),
+    model=ModelConfig(vocab_size=2048, seq_len=128, dim=128, n_layers=4, n_heads=4, cond_dim=64),
     data=DataConfig(path="data/shakespeare/tokens", num_workers=1),
-    optim=OptimConfig(lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1,
+    optim=OptimConfig(lr=2e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1,
                       grad_clip=1.0, ema_decay=0.99),
     dist=DistConfig(activation_checkpointing="off", mixed_precision="fp32"),
 )

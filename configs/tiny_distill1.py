@@ -22,7 +22,7 @@ config = Config(
     num_samples=2,
     ckpt_every=50,
     keep_checkpoints=1,
-    model=ModelConfig(vocab_size=4096, seq_len=128),  # the rest comes from the teacher
+    model=ModelConfig(vocab_size=2048, seq_len=128),  # the rest comes from the teacher
     data=DataConfig(path="data/shakespeare/tokens", num_workers=1),
     optim=OptimConfig(lr=3e-4, warmup_steps=10, schedule="constant", grad_clip=1.0, ema_decay=0.99),
     distill=DistillConfig(teacher="runs/tiny/checkpoints/step_00000300", boundary_prob=64),

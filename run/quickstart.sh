@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 python tools/fetch_corpus.py --out_dir data/shakespeare/text
 if [ ! -f data/shakespeare/tokens/manifest.json ]; then
   python tools/pretokenize.py data/shakespeare/text/train data/shakespeare/tokens \
-      --val_inputs data/shakespeare/text/validation --vocab_size 4096
+      --val_inputs data/shakespeare/text/validation --vocab_size 2048
 fi
 python run/train.py --config configs/tiny.py
 last=$(ls -d runs/tiny/checkpoints/step_* | tail -n 1)

@@ -11,9 +11,8 @@ is a small module of ``flm``.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from contextlib import nullcontext
+import warnings
 from pathlib import Path
 
 import fire
@@ -33,6 +32,10 @@ from flm.sampling import euler_sample
 from flm.distill import Distiller
 
 log = logging.getLogger("flm")
+# FSDP2 warns that the root returns a view (the logits); no caller modifies them in place.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+# On CPU meshes DTensor's RNG tracker is off; flm.distributed.materialize handles init there.
+warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device, stream: int = 0) -> torch.Generator:

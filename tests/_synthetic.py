@@ -3,7 +3,11 @@ tokenizer trained on it, written in the project's shard format."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +39,28 @@ def make_dataset(root: Path, vocab_size: int = 384, n_docs: int = 300) -> tuple[
     write_dataset(root / "ds", {"train": enc[:cut], "validation": enc[cut:]}, model, tok.vocab_size, tok.eos_id,
                   frame_tokens=1024, shard_tokens=8192)
     return root / "ds", tok.vocab_size
+
+
+# ---- launching run/train.py in tests ----
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(REPO / "configs/tiny.py"), "--model.seq_len=32", "--model.dim=32", "--model.n_layers=2",
+        "--model.n_heads=2", "--model.cond_dim=16", "--batch_size=8", "--log_every=1", "--eval_every=1000",
+        "--sample_every=1000", "--ckpt_every=3", "--optim.schedule=constant", "--optim.warmup_steps=2",
+        "--data.num_workers=0", "--sample_steps=[2]", "--eval_batches=1", "--num_samples=1"]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 300) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "run/train.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}

@@ -89,3 +89,12 @@ def make_tiny_dataset(tmp_path: Path, tiny_tokenizer: Path) -> Callable[..., Pat
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Trainer overrides pointing at a small real dataset (see tests/_synthetic.py)."""
+    from _synthetic import make_dataset
+
+    path, vocab = make_dataset(tmp_path_factory.mktemp("trainer_data"))
+    return [f"--data.path={path}", f"--model.vocab_size={vocab}"]

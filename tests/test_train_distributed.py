@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -13,37 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _synthetic import make_dataset
+from _synthetic import REPO, TINY, subprocess_env, losses, torchrun
 from flm import checkpoint as ckpt
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--config", str(REPO / "configs/tiny.py"), "--model.seq_len=32", "--model.dim=32", "--model.n_layers=2",
-        "--model.n_heads=2", "--model.cond_dim=16", "--batch_size=8", "--log_every=1", "--eval_every=1000",
-        "--sample_every=1000", "--ckpt_every=3", "--optim.schedule=constant", "--optim.warmup_steps=2",
-        "--data.num_workers=0", "--sample_steps=[2]", "--eval_batches=1", "--num_samples=1"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> list[str]:
-    path, vocab = make_dataset(tmp_path_factory.mktemp("data"))
-    return [f"--data.path={path}", f"--model.vocab_size={vocab}"]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def torchrun(nproc: int, args: list[str], timeout: int = 300) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "run/train.py"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
 
 def final_weights(out_dir: Path, step: int) -> dict[str, torch.Tensor]:
     path = out_dir / "checkpoints" / f"step_{step:08d}"
@@ -88,7 +58,7 @@ def two_nodes(args: list[str], timeout: int = 300) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
                str(REPO / "run/train.py"), *args]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, out in zip(procs, outs):

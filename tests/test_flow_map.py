@@ -1,0 +1,252 @@
+"""Tests of flm.flow_map: the flow-map maps, losses, interval sampling, init and samplers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flm import flow_map as fm
+from flm.config import ModelConfig
+from flm.flow import Tau, get_tau, interpolate, velocity
+from flm.model import DiT
+
+V, L, B = 8, 3, 5
+
+
+def tiny_dit(two_times: bool, seed: int = 0, randomize: bool = True) -> DiT:
+    """A tiny DiT; ``randomize`` overwrites every weight (the zero-initialised layers too)."""
+    torch.manual_seed(seed)
+    model = DiT(ModelConfig(vocab_size=V, seq_len=L, dim=16, n_layers=1, n_heads=2, cond_dim=16, two_times=two_times))
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.3)
+    return model
+
+
+class Counting(nn.Module):
+    """Wraps a model; records whether grad mode was on at each call, and what it returned."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.grad_modes, self.outputs = inner, [], []
+        self.tok_emb = inner.tok_emb
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.inner(*args)
+        self.grad_modes.append(torch.is_grad_enabled())
+        self.outputs.append(out)
+        return out
+
+
+def times(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return fm.sample_intervals(B, slice(None), torch.Generator().manual_seed(seed), boundary_prob=0)
+
+
+def ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- maps
+
+def test_stage1_map_with_zero_residual_is_teacher_euler_step():
+    tau = get_tau(V)
+    s, t = times()
+    G_s, G_t = tau(s.double()), tau(t.double())
+    logits, x = torch.randn(B, L, V), torch.randn(B, L, V)
+    euler = x + ((G_t - G_s).float()[:, None, None]) * velocity(logits, x, G_s)
+    torch.testing.assert_close(fm.stage1_map(logits, torch.zeros(B, L, V), x, G_s, G_t), euler, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fm.stage1_clean(logits, torch.zeros(B, L, V), G_s, G_t), logits.softmax(-1))
+
+
+def test_stage1_map_clean_form_equals_velocity_form():
+    """x + Delta/(1-G_s) (c - x) = x + Delta v + 0.5 Delta^2 g."""
+    tau = get_tau(V)
+    s, t = times(1)
+    G_s, G_t = tau(s.double()), tau(t.double())
+    logits, x, g = torch.randn(B, L, V), torch.randn(B, L, V), torch.randn(B, L, V)
+    delta = (G_t - G_s).float()[:, None, None]
+    expected = x + delta * velocity(logits, x, G_s) + 0.5 * delta**2 * g
+    torch.testing.assert_close(fm.stage1_map(logits, g, x, G_s, G_t), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stage2_map_is_identity_at_s_equals_t_and_clean_prediction_at_t_one():
+    tau = get_tau(V)
+    s, _ = times(2)
+    G_s = tau(s.double())
+    h, x = torch.randn(B, L, V), torch.randn(B, L, V)
+    torch.testing.assert_close(fm.stage2_map(h, x, G_s, G_s), x, rtol=0, atol=0)
+    torch.testing.assert_close(fm.stage2_map(h, x, G_s, torch.ones(B, dtype=torch.float64)), h.softmax(-1))
+
+
+# ---------------------------------------------------------------- interval sampling
+
+def test_boundary_pairs_fire_at_one_over_boundary_prob():
+    n = 200_000
+    for prob in (64, 128):
+        s, t = fm.sample_intervals(n, slice(None), torch.Generator().manual_seed(prob), prob)
+        rate = ((s == 0) & (t == 1)).double().mean().item()
+        sd = (1 / prob * (1 - 1 / prob) / n) ** 0.5
+        assert abs(rate - 1 / prob) < 5 * sd, (prob, rate)
+    s, t = fm.sample_intervals(n, slice(None), torch.Generator().manual_seed(0), 0)
+    assert not ((s == 0) & (t == 1)).any()
+
+
+def test_interval_lengths_are_stratified_over_the_global_batch():
+    n = 32
+    s, t = fm.sample_intervals(n, slice(None), torch.Generator().manual_seed(3), 0)
+    assert (s >= 0).all() and (t <= 1).all() and (t > s).all()
+    strata = torch.ceil((t - s).double() * n).long()  # d in ((k-1)/n, k/n] -> k
+    assert sorted(strata.tolist()) == list(range(1, n + 1))
+
+
+def test_rank_slices_concatenate_to_the_single_rank_draw():
+    n, prob = 64, 4  # frequent boundary pairs, so they are covered too
+    full = fm.sample_intervals(n, slice(None), torch.Generator().manual_seed(7), prob)
+    halves = [fm.sample_intervals(n, sl, torch.Generator().manual_seed(7), prob) for sl in (slice(0, 32), slice(32, 64))]
+    for i in range(2):
+        torch.testing.assert_close(torch.cat([h[i] for h in halves]), full[i], rtol=0, atol=0)
+    strided = fm.sample_intervals(n, torch.arange(1, n, 2), torch.Generator().manual_seed(7), prob)
+    torch.testing.assert_close(strided[0], full[0][1::2], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- losses
+
+def test_stage1_loss_matches_the_spec_formula_and_gradient():
+    """Per-example loss and student gradient against a direct transcription of method.md."""
+    tau, teacher, student = get_tau(V), tiny_dit(False, 0), tiny_dit(True, 1)
+    x1 = ids()
+    s, t = times(4)
+    s[0], t[0] = 0.0, 1.0
+    loss_sum, per_example, stats = fm.fmlm_stage1_loss(student, teacher, x1, s, t, tau, torch.Generator().manual_seed(5))
+    loss_sum.backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+
+    x_s = interpolate(x1, torch.randn(B, L, V, generator=torch.Generator().manual_seed(5)), tau(s))
+    u = s + 0.5 * (t - s)
+    G = {k: tau(v.double()).float()[:, None, None] for k, v in dict(s=s, u=u, t=t).items()}
+    T = {"s": s, "u": u, "t": t}
+
+    def v_hat(y, a, b):
+        return velocity(teacher(y, T[a]), y, G[a].flatten()) + 0.5 * (G[b] - G[a]) * student(y, T[a], T[b])
+
+    with torch.no_grad():
+        v_su = v_hat(x_s, "s", "u")
+        y_u = x_s + (G["u"] - G["s"]) * v_su
+        v_avg = ((G["u"] - G["s"]) * v_su + (G["t"] - G["u"]) * v_hat(y_u, "u", "t")) / (G["t"] - G["s"])
+        target = x_s + (1 - G["s"]) * v_avg
+    pred = teacher(x_s, s).softmax(-1) + 0.5 * (G["t"] - G["s"]) * (1 - G["s"]) * student(x_s, s, t)
+    expected = (target - pred).square().sum(-1).mean(-1)
+    expected.sum().backward()
+
+    torch.testing.assert_close(per_example, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_sum, per_example.sum())
+    assert stats["n_examples"] == B and stats["n_tokens"] == B * L
+    for got, p in zip(grads, student.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_stage1_call_counts_and_no_gradient_through_the_target(weighted):
+    tau = get_tau(V)
+    teacher, student = Counting(tiny_dit(False, 0).requires_grad_(False)), Counting(tiny_dit(True, 1))
+    weighting = fm.LossWeighting() if weighted else None
+    s, t = times()
+    loss_sum, per_example, _ = fm.fmlm_stage1_loss(student, teacher, ids(), s, t, tau,
+                                                   torch.Generator().manual_seed(0), weighting)
+    assert teacher.grad_modes == [False, False]  # D(x_s, s) is reused by the prediction
+    assert sorted(student.grad_modes) == [False, False, True]
+    assert all(o.grad_fn is None and not o.requires_grad for o, m in zip(student.outputs, student.grad_modes) if not m)
+    assert per_example.shape == (B,) and loss_sum.grad_fn is not None
+    loss_sum.backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_stage2_call_counts_and_the_map_error():
+    tau = get_tau(V)
+    teacher, g = Counting(tiny_dit(False, 0)), Counting(tiny_dit(True, 1))
+    h = Counting(tiny_dit(True, 2))
+    s, t = times(6)
+    x1 = ids(1)
+    _, per_example, _ = fm.fmlm_stage2_loss(h, teacher, g, x1, s, t, tau, torch.Generator().manual_seed(2))
+    assert teacher.grad_modes == [False] and g.grad_modes == [False] and h.grad_modes == [True]
+    x_s = interpolate(x1, torch.randn(B, L, V, generator=torch.Generator().manual_seed(2)), tau(s))
+    G_s, G_t = tau(s.double()), tau(t.double())
+    target = fm.stage1_map(teacher.outputs[0], g.outputs[0], x_s, G_s, G_t)
+    pred = fm.stage2_map(h.outputs[0], x_s, G_s, G_t)
+    torch.testing.assert_close(per_example, (target - pred).square().sum(-1).mean(-1), rtol=1e-4, atol=1e-7)
+
+
+def test_per_example_generators_give_rank_split_independent_noise():
+    tau, teacher, student = get_tau(V), tiny_dit(False, 0), tiny_dit(True, 1)
+    x1, (s, t) = ids(), times()
+
+    def gens(idx):
+        return [torch.Generator().manual_seed(100 + i) for i in idx]
+
+    _, full, _ = fm.fmlm_stage1_loss(student, teacher, x1, s, t, tau, gens(range(B)))
+    _, part, _ = fm.fmlm_stage1_loss(student, teacher, x1[2:], s[2:], t[2:], tau, gens(range(2, B)))
+    torch.testing.assert_close(part, full[2:])
+
+
+def test_loss_weighting_starts_neutral_and_learns():
+    weighting = fm.LossWeighting()
+    s, t = times()
+    loss = torch.rand(B)
+    assert torch.equal(weighting(s, t), torch.zeros(B))
+    torch.testing.assert_close(weighting.weigh(loss, s, t), loss)
+    weighting.weigh(loss, s, t).sum().backward()
+    assert weighting.mlp[-1].bias.grad.abs().item() > 0  # d/dw (l e^-w + w) = 1 - l at w = 0
+
+
+# ---------------------------------------------------------------- init and samplers
+
+def test_init_student_zeroes_new_paths_and_reproduces_the_teacher():
+    tau, teacher = get_tau(V), tiny_dit(False, 0)
+    x, (s, t) = torch.randn(B, L, V), times()
+    G_s, G_t = tau(s.double()), tau(t.double())
+    g = tiny_dit(True, 1)
+    fm.init_student_from_teacher(g, teacher.state_dict(), zero_output=True)
+    for layer in (g.time_emb2.mlp[-1], g.final.linear):
+        assert all(torch.count_nonzero(p) == 0 for p in layer.parameters())
+    for name, p in teacher.state_dict().items():
+        assert torch.equal(g.state_dict()[name], p) or name.startswith("final.linear")
+    with torch.no_grad():
+        d, g_out = teacher(x, s), g(x, s, t)
+        euler = x + (G_t - G_s).float()[:, None, None] * velocity(d, x, G_s)
+        torch.testing.assert_close(fm.stage1_map(d, g_out, x, G_s, G_t), euler, rtol=1e-5, atol=1e-6)
+        assert torch.count_nonzero(g_out) == 0
+
+    h = tiny_dit(True, 2)
+    fm.init_student_from_teacher(h, teacher.state_dict(), zero_output=False)
+    with torch.no_grad():
+        torch.testing.assert_close(h(x, s, t), teacher(x, s), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mismatch"):
+        fm.init_student_from_teacher(h, {k: v for k, v in teacher.state_dict().items() if "blocks" not in k}, True)
+
+
+def test_samplers_count_evaluations_and_match_the_teacher_euler_sampler_at_init():
+    tau, teacher = get_tau(V), tiny_dit(False, 0)
+    g = tiny_dit(True, 1)
+    fm.init_student_from_teacher(g, teacher.state_dict(), zero_output=True)  # g = 0: the Euler sampler
+    steps = 4
+    got, nfe = fm.sample_stage1(teacher, g, tau, (B, L, V), steps, torch.Generator().manual_seed(9))
+    assert nfe == 2 * steps and got.shape == (B, L) and got.dtype == torch.long
+    with torch.no_grad():
+        x = torch.randn(B, L, V, generator=torch.Generator().manual_seed(9))
+        for i in range(steps):
+            ti = torch.full((B,), i / steps)
+            G_i, G_n = tau(ti.double()), tau(torch.full((B,), (i + 1) / steps, dtype=torch.float64))
+            d = teacher(x, ti)
+            x = x + (G_n - G_i).float()[:, None, None] * velocity(d, x, G_i)
+    assert torch.equal(got, d.argmax(-1))
+
+    h = Counting(tiny_dit(True, 3))
+    ids1, nfe = fm.sample_fmlm(h, Tau.identity(), (B, L, V), 1, torch.Generator().manual_seed(1))
+    assert nfe == 1 and len(h.grad_modes) == 1 and not h.grad_modes[0]
+    assert torch.equal(ids1, h.outputs[0].argmax(-1))
+    eps = torch.randn(B, L, V, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(h.inner(eps, torch.zeros(B), torch.ones(B)), h.outputs[0])
+    assert fm.sample_fmlm(h, Tau.identity(), (B, L, V), 8, torch.Generator())[1] == 8
