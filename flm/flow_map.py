@@ -1,0 +1,307 @@
+"""Flow-map distillation, FMLM (method.md section 2).
+
+Notation: dense states x of shape (B, L, V); times s <= t in [0, 1] shaped (B,);
+G_s = tau(s), Delta = G_t - G_s. The flow map X_{s,t} moves x from s to t along the
+FLM ODE (X_{s,s} = id, tangent d/dt X_{s,t}|_{t=s} = v(x, s), semigroup
+X_{u,t} o X_{s,u} = X_{s,t}).
+
+Every map here is written through an implied clean prediction c_{s,t}(x):
+
+    X_{s,t}(x) = x + r * (c_{s,t}(x) - x),      r = Delta / (1 - G_s) in [0, 1],
+
+which is the teacher's Euler step when c = softmax(D(x, s)). Working with c and the
+bounded ratio r (1 - G is clamped at 1e-6) avoids dividing by a vanishing 1 - G_s
+near data and the cancellation in (X - x) / Delta for short intervals.
+
+* Stage 1 (residual, online frozen teacher D, student g_theta with raw outputs):
+      c_{s,t}(x) = softmax(D(x, s)) + 0.5 Delta (1 - G_s) g(x, s, t),
+      X_{s,t}(x) = x + Delta v(x, s) + 0.5 Delta^2 g(x, s, t).
+* Stage 2 (one network h_theta with logits, what users sample from):
+      X^h_{s,t}(x) = x + Delta (softmax(h(x, s, t)) - x) / (1 - G_s).
+
+Models are called as D(x, t) and g(x, s, t) / h(x, s, t) on float (B, L, V) states;
+their outputs are cast to float32 before any of the maths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from flm.flow import interpolate
+
+Model = Callable[..., torch.Tensor]
+TimeMap = Callable[[torch.Tensor], torch.Tensor]
+Stats = dict[str, torch.Tensor | int]
+Generators = torch.Generator | Sequence[torch.Generator]
+
+_MIN_ONE_MINUS_G = 1e-6  # 1 - G is clamped here wherever it divides
+
+
+def _bcast(v: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 coefficient -> (B, 1, 1) float32, broadcasting over (B, L, V)."""
+    return v.float()[:, None, None]
+
+
+def _one_minus(G: torch.Tensor) -> torch.Tensor:
+    return (1.0 - G).clamp_min(_MIN_ONE_MINUS_G)
+
+
+def _G(tau: TimeMap, t: torch.Tensor) -> torch.Tensor:
+    """G = tau(t) in float64 (the coefficients below are differences of G's)."""
+    return tau(t.double())
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def flow_step(x: torch.Tensor, c: torch.Tensor, G_s: torch.Tensor, G_t: torch.Tensor) -> torch.Tensor:
+    """X_{s,t}(x) = x + r (c - x), r = Delta / (1 - G_s) clamped to [0, 1].
+
+    ``c`` is the implied clean prediction (B, L, V); with c = softmax(D(x, s)) this is
+    one Euler step x + Delta v(x, s); with G_t = 1 it returns c.
+    """
+    r = ((G_t - G_s) / _one_minus(G_s)).clamp(0.0, 1.0)
+    return x + _bcast(r) * (c - x)
+
+
+def _residual_clean(p: torch.Tensor, g_out: torch.Tensor, G_s: torch.Tensor, G_t: torch.Tensor) -> torch.Tensor:
+    """c_{s,t} = p + 0.5 Delta (1 - G_s) g, p = softmax(D(x, s))."""
+    return p + _bcast(0.5 * (G_t - G_s) * _one_minus(G_s)) * g_out.float()
+
+
+def stage1_clean(teacher_logits: torch.Tensor, g_out: torch.Tensor, G_s: torch.Tensor, G_t: torch.Tensor) -> torch.Tensor:
+    """c_{s,t}(x) = softmax(D(x, s)) + 0.5 Delta (1 - G_s) g(x, s, t), float32 (B, L, V)."""
+    return _residual_clean(_probs(teacher_logits), g_out, G_s, G_t)
+
+
+def stage1_map(teacher_logits: torch.Tensor, g_out: torch.Tensor, x: torch.Tensor,
+               G_s: torch.Tensor, G_t: torch.Tensor) -> torch.Tensor:
+    """X_{s,t}(x) = x + Delta v(x, s) + 0.5 Delta^2 g(x, s, t) = x + r (c_{s,t}(x) - x)."""
+    return flow_step(x, stage1_clean(teacher_logits, g_out, G_s, G_t), G_s, G_t)
+
+
+def stage2_map(h_logits: torch.Tensor, x: torch.Tensor, G_s: torch.Tensor, G_t: torch.Tensor) -> torch.Tensor:
+    """X^h_{s,t}(x) = x + Delta (softmax(h(x, s, t)) - x) / (1 - G_s)."""
+    return flow_step(x, _probs(h_logits), G_s, G_t)
+
+
+def sample_intervals(batch_global: int, rank_slice: slice | torch.Tensor, generator: torch.Generator,
+                     boundary_prob: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw this rank's intervals (s, t), float32 (B_local,) each, on the generator's device.
+
+    d_i = 1 - (i + u) / N for global index i < N = batch_global, one u ~ U[0, 1): the
+    lengths d in (0, 1] are stratified over the *global* batch; s_i ~ U[0, 1 - d_i]
+    independently, t_i = s_i + d_i; each example is forced to (s, t) = (0, 1) with
+    probability 1 / boundary_prob (0 disables it). method.md: 64 for stage 1, 128 for
+    stage 2.
+
+    ``generator`` must be seeded identically on every rank (by seed and step): the whole
+    global batch is drawn and ``rank_slice`` (a slice or a tensor of global indices)
+    picks this rank's examples, so the draw of every example does not depend on the
+    world size. The noise of the losses comes from the per-rank generator instead.
+    """
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=generator.device)
+    i = torch.arange(batch_global, dtype=torch.float64, device=generator.device)
+    d = 1.0 - (i + u) / batch_global
+    s = torch.rand(batch_global, generator=generator, dtype=torch.float64, device=generator.device) * (1.0 - d)
+    t = (s + d).clamp(max=1.0)
+    if boundary_prob > 0:
+        boundary = torch.rand(batch_global, generator=generator, dtype=torch.float64,
+                              device=generator.device) * boundary_prob < 1.0
+        s, t = s.masked_fill(boundary, 0.0), t.masked_fill(boundary, 1.0)
+    return s[rank_slice].float(), t[rank_slice].float()
+
+
+class LossWeighting(nn.Module):
+    """Learnable per-interval weighting w(s, t): loss -> loss * exp(-w) + w.
+
+    w is a small MLP over Fourier features sin/cos(pi 2^k s), sin/cos(pi 2^k t),
+    k < n_freqs; its last layer is zero-initialised, so w = 0 (no reweighting) at start.
+    At the optimum exp(w(s, t)) tracks the expected loss at (s, t), which balances
+    intervals whose errors have very different scales.
+    """
+
+    def __init__(self, n_freqs: int = 8, hidden: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freqs, dtype=torch.float32), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(4 * n_freqs, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """w(s, t), shape (B,)."""
+        angles = torch.stack([s, t], dim=-1).float()[..., None] * self.freqs  # (B, 2, K)
+        feats = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+        return self.mlp(feats).squeeze(-1)
+
+    def weigh(self, loss: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """loss * exp(-w(s, t)) + w(s, t), per example."""
+        w = self(s, t)
+        return loss * torch.exp(-w) + w
+
+
+def _reduce(per_token: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+            weighting: LossWeighting | None) -> tuple[torch.Tensor, torch.Tensor, Stats]:
+    """Mean over tokens, optional weighting, sum over examples (see fmlm_stage1_loss)."""
+    raw = per_token.mean(dim=1)
+    per_example = raw if weighting is None else weighting.weigh(raw, s, t)
+    stats = {"raw_loss_sum": raw.detach().sum(), "n_examples": per_token.shape[0], "n_tokens": per_token.numel()}
+    return per_example.sum(), per_example, stats
+
+
+def _noisy_state(x1_ids: torch.Tensor, G_s: torch.Tensor, teacher: Model, generator: Generators) -> torch.Tensor:
+    """x_s = (1 - G_s) eps + G_s e(x1), dense eps ~ N(0, I) of shape (B, L, V), float32.
+
+    V is the teacher's vocabulary, ``teacher.tok_emb.num_embeddings``. eps comes from one
+    generator, or example b's from ``generator[b]`` (per-example generators make the
+    noise independent of how the global batch is split over ranks).
+    """
+    shape = (x1_ids.shape[1], teacher.tok_emb.num_embeddings)
+    if isinstance(generator, torch.Generator):
+        eps = torch.randn(x1_ids.shape[0], *shape, generator=generator, device=generator.device)
+    else:
+        eps = torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generator])
+    return interpolate(x1_ids, eps.to(x1_ids.device), G_s.float())
+
+
+def fmlm_stage1_loss(student: Model, teacher: Model, x1_ids: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                     tau: TimeMap, generator: Generators, weighting: LossWeighting | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, Stats]:
+    """Stage-1 residual flow-map loss (method.md section 2) for clean ids (B, L).
+
+    x_s = interpolant at G_s (dense eps from ``generator``). Prediction
+    c_{s,t}(x_s) = softmax(D(x_s, s)) + 0.5 Delta (1 - G_s) g_theta(x_s, s, t).
+    Target (no gradient), two half steps through u = s + (t - s)/2 with the student's
+    own g: v_hat_{a,b}(y) = v(y, a) + 0.5 (G_b - G_a) g(y, a, b),
+    y_u = x_s + (G_u - G_s) v_hat_{s,u}(x_s),
+    v_hat = [(G_u - G_s) v_hat_{s,u}(x_s) + (G_t - G_u) v_hat_{u,t}(y_u)] / Delta,
+    c* = x_s + (1 - G_s) v_hat, evaluated as
+    c* = x_s + w1 (c_{s,u}(x_s) - x_s) + w2 (1 - G_s)/(1 - G_u) (c_{u,t}(y_u) - y_u),
+    w1 = (G_u - G_s)/Delta, w2 = (G_t - G_u)/Delta (w1 = w2 = 1/2 where Delta = 0).
+    Loss per token sum_V (c* - c_{s,t}(x_s))^2, per example the mean over its L tokens,
+    then loss * exp(-w) + w with ``weighting``.
+
+    Calls: D(x_s, s) once (shared by prediction and target), D(y_u, u), g(x_s, s, u) and
+    g(y_u, u, t) without grad, g(x_s, s, t) with grad.
+
+    Returns (sum over the B examples of the per-example (weighted) loss -- divide by the
+    global number of examples --, per-example loss (B,), stats) where stats holds
+    ``raw_loss_sum`` (the unweighted per-example losses summed, detached), ``n_examples``
+    (B) and ``n_tokens`` (B L). ``generator``: one per-rank generator or one per example (see
+    ``_noisy_state``), on any device.
+    """
+    u = s + 0.5 * (t - s)
+    G_s, G_u, G_t = _G(tau, s), _G(tau, u), _G(tau, t)
+    x_s = _noisy_state(x1_ids, G_s, teacher, generator)
+    with torch.no_grad():
+        p_s = _probs(teacher(x_s, s))
+        c_su = _residual_clean(p_s, student(x_s, s, u), G_s, G_u)
+        y_u = flow_step(x_s, c_su, G_s, G_u)
+        c_ut = _residual_clean(_probs(teacher(y_u, u)), student(y_u, u, t), G_u, G_t)
+        delta = G_t - G_s
+        has_len = delta > 0
+        w1 = torch.where(has_len, (G_u - G_s) / delta.clamp_min(1e-300), 0.5)
+        w2 = torch.where(has_len, (G_t - G_u) / delta.clamp_min(1e-300), 0.5)
+        k = _one_minus(G_s) / _one_minus(G_u)
+        target = x_s + _bcast(w1) * (c_su - x_s) + _bcast(w2 * k) * (c_ut - y_u)
+    pred = _residual_clean(p_s, student(x_s, s, t), G_s, G_t)
+    return _reduce((target - pred).square().sum(-1), s, t, weighting)
+
+
+def fmlm_stage2_loss(student_h: Model, teacher: Model, stage1_g: Model, x1_ids: torch.Tensor, s: torch.Tensor,
+                     t: torch.Tensor, tau: TimeMap, generator: Generators,
+                     weighting: LossWeighting | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, Stats]:
+    """Stage-2 loss: match the one-network map X^h to the frozen stage-1 map X.
+
+    Target (no gradient) X_{s,t}(x_s) from the frozen teacher D and stage-1 g;
+    prediction X^h_{s,t}(x_s) = x_s + r (softmax(h(x_s, s, t)) - x_s). Loss per token
+    sum_V (X - X^h)^2 = r^2 sum_V (c_{s,t} - softmax(h))^2 (computed this way: x_s
+    cancels exactly), r = Delta / (1 - G_s). That is the squared error of the maps as
+    method.md states; it weighs short intervals by r^2 relative to comparing clean
+    predictions, a deterministic factor per (s, t) that the learnable weighting absorbs
+    (its optimum makes the weighted loss invariant to per-(s, t) scales).
+    Calls: D(x_s, s) and g(x_s, s, t) without grad, h(x_s, s, t) with grad.
+    Returns what :func:`fmlm_stage1_loss` returns.
+    """
+    G_s, G_t = _G(tau, s), _G(tau, t)
+    x_s = _noisy_state(x1_ids, G_s, teacher, generator)
+    with torch.no_grad():
+        target_clean = stage1_clean(teacher(x_s, s), stage1_g(x_s, s, t), G_s, G_t)
+    r = ((G_t - G_s) / _one_minus(G_s)).clamp(0.0, 1.0)
+    err = _bcast(r) * (target_clean - _probs(student_h(x_s, s, t)))
+    return _reduce(err.square().sum(-1), s, t, weighting)
+
+
+def init_student_from_teacher(student: nn.Module, teacher_state_dict: dict[str, torch.Tensor],
+                              zero_output: bool) -> None:
+    """Load the teacher's weights into a two-time student and zero its new paths.
+
+    Every student key except ``time_emb2.*`` must be in the teacher's state dict (and
+    vice versa); then emb'(t)'s last layer (``time_emb2.mlp[-1]``) is zeroed, so the
+    student ignores t at init, and with ``zero_output`` (stage 1) also the output layer
+    ``final.linear``, so g = 0 and X_{s,t} is the teacher's Euler step. Stage 2 keeps the
+    teacher's output layer: h = D at init.
+    """
+    result = student.load_state_dict(teacher_state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("time_emb2.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"teacher/student mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+    layers = [student.time_emb2.mlp[-1]] + ([student.final.linear] if zero_output else [])
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.parameters():
+                p.zero_()
+
+
+CleanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _few_step(clean: CleanFn, tau: TimeMap, shape: tuple[int, int, int], steps: int,
+              generator: torch.Generator) -> torch.Tensor:
+    """x <- eps; x <- X_{t_i, t_{i+1}}(x) on t_i = i/N; argmax of c_{t_{N-1}, 1} at the end."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    x = torch.randn(shape, generator=generator, device=generator.device)
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=x.device)
+    G = _G(tau, grid)
+    for i in range(steps):
+        a, b = (grid[j].float().expand(shape[0]) for j in (i, i + 1))
+        G_a, G_b = G[i].expand(shape[0]), G[i + 1].expand(shape[0])
+        c = clean(x, a, b, G_a, G_b)
+        if i == steps - 1:
+            return c.argmax(-1)
+        x = flow_step(x, c, G_a, G_b)
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def sample_stage1(teacher: Model, g_net: Model, tau: TimeMap, shape: tuple[int, int, int], steps: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Few-step sampling with the stage-1 map (teacher + residual g: two networks per step).
+
+    ``shape`` = (B, L, V); eps is drawn on the generator's device (the models' device).
+    Returns token ids (B, L) = argmax c_{t_{N-1}, 1}, and the number of network
+    evaluations 2N.
+    """
+    def clean(x, a, b, G_a, G_b):
+        return stage1_clean(teacher(x, a), g_net(x, a, b), G_a, G_b)
+    return _few_step(clean, tau, shape, steps, generator), 2 * steps
+
+
+@torch.no_grad()
+def sample_fmlm(h_net: Model, tau: TimeMap, shape: tuple[int, int, int], steps: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Few-step FMLM sampling, x <- X^h_{t_i, t_{i+1}}(x): one forward per step.
+
+    ``shape`` = (B, L, V); eps is drawn on the generator's device (the model's device).
+    Returns token ids (B, L) = argmax softmax(h(x, t_{N-1}, 1)), and N evaluations.
+    """
+    def clean(x, a, b, G_a, G_b):
+        return _probs(h_net(x, a, b))
+    return _few_step(clean, tau, shape, steps, generator), steps
