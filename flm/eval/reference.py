@@ -2,20 +2,31 @@
 
 Tables need the data's own row: the same metrics on held-out reference text cut
 into samples of the generator's length. :func:`chunk_token_ids` makes those
-samples from a token stream, and :func:`score_samples` computes every metric for
-any set of token-id samples, generated or reference, so both rows are computed
-the same way.
+samples from a token stream (:func:`spread_windows` from a whole split), and
+:func:`score_samples` computes every metric for any set of token-id samples,
+generated or reference, so both rows are computed the same way.
+:func:`split_at_eos` cuts a sample into its documents before decoding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flm.eval.entropy import distinct_n, mean_entropy
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from flm.eval.genppl import Scorer
+
+
+class TokenSplit(Protocol):
+    """What :func:`spread_windows` needs of a split (``flm.data.TokenDataset`` has it)."""
+
+    num_tokens: int
+
+    def read(self, start: int, length: int) -> np.ndarray: ...
 
 
 def chunk_token_ids(
@@ -39,6 +50,38 @@ def chunk_token_ids(
             if num_samples is not None and len(samples) >= num_samples:
                 break
     return samples
+
+
+def spread_windows(split: TokenSplit, length: int, count: int) -> list[list[int]]:
+    """Up to ``count`` non-overlapping windows of ``length`` tokens spread evenly over a split.
+
+    Window i starts at i * (num_tokens // count), so a split stored document by
+    document is sampled from beginning to end rather than only its first
+    documents. When the split holds fewer than ``count * length`` tokens, as many
+    windows as fit are returned (none if not even one fits).
+    """
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    count = min(count, split.num_tokens // length)
+    if count < 1:
+        return []
+    stride = split.num_tokens // count  # >= length, so windows never overlap
+    return [[int(t) for t in split.read(i * stride, length)] for i in range(count)]
+
+
+def split_at_eos(token_ids: Iterable[int], eos_id: int) -> list[list[int]]:
+    """The documents of a sample: its ids cut at every EOS, EOS and empty pieces dropped.
+
+    >>> split_at_eos([5, 6, 2, 2, 7, 2], eos_id=2)
+    [[5, 6], [7]]
+    """
+    documents: list[list[int]] = [[]]
+    for token in token_ids:
+        if int(token) == eos_id:
+            documents.append([])
+        else:
+            documents[-1].append(int(token))
+    return [doc for doc in documents if doc]
 
 
 def score_samples(
