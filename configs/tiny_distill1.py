@@ -13,7 +13,7 @@ config = Config(
     objective="fmlm_stage1",
     out_dir="runs/tiny_distill1",
     steps=150,
-    batch_size=16,
+    batch_size=32,
     log_every=10,
     eval_every=150,
     eval_batches=2,
@@ -22,9 +22,9 @@ config = Config(
     num_samples=2,
     ckpt_every=50,
     keep_checkpoints=1,
-    model=ModelConfig(vocab_size=2048, seq_len=128),  # the rest comes from the teacher
+    model=ModelConfig(vocab_size=1024, seq_len=64),  # the rest comes from the teacher
     data=DataConfig(path="data/shakespeare/tokens", num_workers=1),
-    optim=OptimConfig(lr=3e-4, warmup_steps=10, schedule="constant", grad_clip=1.0, ema_decay=0.99),
-    distill=DistillConfig(teacher="runs/tiny/checkpoints/step_00000300", boundary_prob=64),
+    optim=OptimConfig(lr=1e-3, warmup_steps=10, schedule="constant", grad_clip=1.0, ema_decay=0.99),
+    distill=DistillConfig(teacher="runs/tiny/checkpoints/step_00000600", boundary_prob=64),
     dist=DistConfig(mixed_precision="fp32"),
 )

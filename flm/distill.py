@@ -126,23 +126,25 @@ class Distiller:
 
     def loss(self, model: nn.Module, ids: torch.Tensor, num_global: int, index: torch.Tensor,
              shared: torch.Generator, local: torch.Generator, tau):
-        """(token-sum of the loss, per-example raw loss, interval length t - s).
+        """(token-sum of the weighted loss, token-sum of the raw loss, per-example raw
+        loss, interval length t - s).
 
         The flow-map losses are means over each example's tokens; multiplying the
-        example sum by L makes the loop's division by the global token count give
-        the mean over examples.
+        example sums by L makes the loop's division by the global token count give
+        the mean over examples. The weighted loss (loss e^-w + w) is what is
+        optimised; the raw squared error is what is reported.
         """
         d = self.cfg.distill
         boundary = d.boundary_prob
         s, t = sample_intervals(num_global, index, shared, boundary)
         student = _two_time(model)
         if self.stage == 1:
-            loss_sum, per_example, _ = fmlm_stage1_loss(student, self.teacher, ids, s, t, tau, local,
-                                                        self.weighting)
+            loss_sum, _, stats = fmlm_stage1_loss(student, self.teacher, ids, s, t, tau, local, self.weighting)
         else:
-            loss_sum, per_example, _ = fmlm_stage2_loss(student, self.teacher, _two_time(self.stage1), ids,
-                                                        s, t, tau, local, self.weighting)
-        return loss_sum * ids.shape[1], per_example.detach(), t - s
+            loss_sum, _, stats = fmlm_stage2_loss(student, self.teacher, _two_time(self.stage1), ids, s, t, tau,
+                                                  local, self.weighting)
+        length = ids.shape[1]
+        return loss_sum * length, stats["raw_loss_sum"] * length, stats["raw_per_example"], t - s
 
     def sample(self, model: nn.Module, tau, num: int, steps: int, generator: torch.Generator,
                device: torch.device) -> torch.Tensor:

@@ -150,7 +150,8 @@ def _reduce(per_token: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
     """Mean over tokens, optional weighting, sum over examples (see fmlm_stage1_loss)."""
     raw = per_token.mean(dim=1)
     per_example = raw if weighting is None else weighting.weigh(raw, s, t)
-    stats = {"raw_loss_sum": raw.detach().sum(), "n_examples": per_token.shape[0], "n_tokens": per_token.numel()}
+    stats = {"raw_loss_sum": raw.detach().sum(), "raw_per_example": raw.detach(),
+             "n_examples": per_token.shape[0], "n_tokens": per_token.numel()}
     return per_example.sum(), per_example, stats
 
 

@@ -103,7 +103,7 @@ def train(config: str | None = None, **overrides) -> None:
     bucket_name = "loss_by_interval/d" if distiller else "loss_by_t/t"  # t - s, or t
     data_iter = iter(loader)
     stats = torch.zeros(2, 10, dtype=torch.float64, device=device)
-    loss_acc, n_acc, t_start = 0.0, 0, time.perf_counter()
+    loss_acc, n_acc, t_start = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
 
     for step in range(start, cfg.steps):
         model.train()
@@ -111,7 +111,7 @@ def train(config: str | None = None, **overrides) -> None:
         shared = step_generator(cfg.seed, step, -1, device)
         local = step_generator(cfg.seed, step, info.rank, device)
         num_global = cfg.batch_size
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        step_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (optimised, reported) sums
         for m in range(cfg.grad_accum):
             ids = next(data_iter).to(device, non_blocking=True)
             first = (m * world + info.rank) * micro  # global index of this micro-batch's first example
@@ -119,16 +119,18 @@ def train(config: str | None = None, **overrides) -> None:
             sync = m == cfg.grad_accum - 1
             for module in trainable.values():
                 module.set_requires_gradient_sync(sync)
-            if distiller:
-                loss_sum, per_example, t = distiller.loss(model, ids, num_global, index, shared, local, tau)
+            if distiller:  # optimise the weighted loss, report the raw one
+                loss_sum, report_sum, per_example, t = distiller.loss(model, ids, num_global, index, shared,
+                                                                      local, tau)
             else:
                 t = stratified_times(num_global, index, shared)
                 gens = example_generators(cfg.seed, step, index, device)
                 loss_sum, per_example = flm_loss(model, ids, t, tau, gens, cfg.flow.low_rank_noise)
+                report_sum = loss_sum
             # FSDP averages gradients over ranks, so scale the local sum by
             # world / global tokens: the gradient is that of the global token mean.
             (loss_sum * world / tokens_per_step).backward()
-            step_loss += loss_sum.detach()
+            step_loss += torch.stack([loss_sum.detach(), report_sum.detach()]).double()
             stats += loss_by_bucket(t, per_example)
         grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
         optimizer.step()
@@ -136,13 +138,16 @@ def train(config: str | None = None, **overrides) -> None:
         scheduler.step()
         ema.update()
         throughput.add(tokens_per_step)
-        loss_acc += all_reduce_sum([step_loss.item()], device).item() / tokens_per_step
+        loss_acc += all_reduce_sum(step_loss, device).cpu() / tokens_per_step
         n_acc += 1
         done = step + 1
 
         if done % cfg.log_every == 0 or done == cfg.steps:
-            values = {"loss": loss_acc / n_acc, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      **throughput.read(), "peak_mem_gib": peak_memory_gib(device)}
+            values = {"loss": loss_acc[1].item() / n_acc}
+            if distiller:
+                values["weighted_loss"] = loss_acc[0].item() / n_acc
+            values |= {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+               **throughput.read(), "peak_mem_gib": peak_memory_gib(device)}
             logger.scalars(done, values, "train/")
             logger.console(done, values)
             buckets = all_reduce_sum(stats, device)
@@ -151,7 +156,7 @@ def train(config: str | None = None, **overrides) -> None:
             if distiller:
                 logger.scalars(done, distiller.weighting_curve(device), "weighting/w_centred_")
             stats.zero_()
-            loss_acc, n_acc = 0.0, 0
+            loss_acc, n_acc = torch.zeros(2, dtype=torch.float64), 0
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val = validate(cfg, model, tau, distiller, info, device)
             logger.scalars(done, {"loss": val}, "val/")
@@ -173,7 +178,8 @@ def train(config: str | None = None, **overrides) -> None:
 
 @torch.no_grad()
 def validate(cfg: Config, model, tau, distiller, info, device) -> float:
-    """Mean validation loss over a fixed set of windows, times and noises."""
+    """Mean validation loss (for distillation the raw, unweighted squared error) over
+    a fixed set of windows, times and noises."""
     model.eval()
     micro = max(1, cfg.batch_size // (info.world_size * cfg.grad_accum))
     loader = build_loader(cfg.data.path, cfg.data.val_split, cfg.model.seq_len, micro, info.rank,
@@ -186,7 +192,7 @@ def validate(cfg: Config, model, tau, distiller, info, device) -> float:
         local = step_generator(cfg.seed, -1 - i, info.rank, device, stream=1)
         index = torch.arange(info.rank * micro, (info.rank + 1) * micro, device=device)
         if distiller:
-            loss_sum, _, _ = distiller.loss(model, ids, num_global, index, shared, local, tau)
+            _, loss_sum, _, _ = distiller.loss(model, ids, num_global, index, shared, local, tau)
         else:
             t = stratified_times(num_global, index, shared)
             gens = example_generators(cfg.seed, -1 - i, index, device, stream=1)
