@@ -18,11 +18,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from flm import checkpoint as ckpt
 from flm.config import Config, ModelConfig, from_dict
-from flm.distributed import clean_fqn, mixed_precision, shard_model
+from flm.distributed import clean_fqn, local_tensor, mixed_precision, shard_model
 from flm.flow_map import (LossWeighting, fmlm_stage1_loss, fmlm_stage2_loss, sample_fmlm,
                           sample_intervals, sample_stage1)
 from flm.model import DiT
@@ -120,29 +119,31 @@ class Distiller:
             if any(name.startswith(z) for z in zero):
                 p.zero_()
             elif name in teacher:
-                _local(p).copy_(_local(teacher[name]))
+                local_tensor(p).copy_(local_tensor(teacher[name]))
             elif not name.startswith("time_emb2."):
                 raise ValueError(f"student parameter {name} has no counterpart in the teacher")
 
     def loss(self, model: nn.Module, ids: torch.Tensor, num_global: int, index: torch.Tensor,
-             shared: torch.Generator, local: torch.Generator, tau):
+             shared: torch.Generator, gens: list[torch.Generator], tau):
         """(token-sum of the weighted loss, token-sum of the raw loss, per-example raw
         loss, interval length t - s).
 
         The flow-map losses are means over each example's tokens; multiplying the
         example sums by L makes the loop's division by the global token count give
         the mean over examples. The weighted loss (loss e^-w + w) is what is
-        optimised; the raw squared error is what is reported.
+        optimised; the raw squared error is what is reported. ``shared`` (same on
+        every rank) draws the intervals of the global batch, ``gens`` (one per
+        example) the noise.
         """
         d = self.cfg.distill
         boundary = d.boundary_prob
         s, t = sample_intervals(num_global, index, shared, boundary)
         student = _two_time(model)
         if self.stage == 1:
-            loss_sum, _, stats = fmlm_stage1_loss(student, self.teacher, ids, s, t, tau, local, self.weighting)
+            loss_sum, _, stats = fmlm_stage1_loss(student, self.teacher, ids, s, t, tau, gens, self.weighting)
         else:
             loss_sum, _, stats = fmlm_stage2_loss(student, self.teacher, _two_time(self.stage1), ids, s, t, tau,
-                                                  local, self.weighting)
+                                                  gens, self.weighting)
         length = ids.shape[1]
         return loss_sum * length, stats["raw_loss_sum"] * length, stats["raw_per_example"], t - s
 
@@ -169,6 +170,3 @@ def _two_time(model: nn.Module):
     """Call a two-time DiT as f(x, s, t) (its forward takes (x, t, t2))."""
     return lambda x, s, t: model(x, s, t)
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -147,6 +147,11 @@ def clean_fqn(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor is its own shard)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum float64 values over all ranks (losses, token counts)."""
     t = torch.as_tensor(values, dtype=torch.float64, device=device).clone()

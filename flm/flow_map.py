@@ -74,7 +74,8 @@ def _residual_clean(p: torch.Tensor, g_out: torch.Tensor, G_s: torch.Tensor, G_t
     return p + _bcast(0.5 * (G_t - G_s) * _one_minus(G_s)) * g_out.float()
 
 
-def stage1_clean(teacher_logits: torch.Tensor, g_out: torch.Tensor, G_s: torch.Tensor, G_t: torch.Tensor) -> torch.Tensor:
+def stage1_clean(teacher_logits: torch.Tensor, g_out: torch.Tensor, G_s: torch.Tensor,
+                 G_t: torch.Tensor) -> torch.Tensor:
     """c_{s,t}(x) = softmax(D(x, s)) + 0.5 Delta (1 - G_s) g(x, s, t), float32 (B, L, V)."""
     return _residual_clean(_probs(teacher_logits), g_out, G_s, G_t)
 
@@ -170,6 +171,22 @@ def _noisy_state(x1_ids: torch.Tensor, G_s: torch.Tensor, teacher: Model, genera
     return interpolate(x1_ids, eps.to(x1_ids.device), G_s.float())
 
 
+@torch.no_grad()
+def _two_half_steps(student: Model, teacher: Model, x_s: torch.Tensor, p_s: torch.Tensor, s: torch.Tensor,
+                    t: torch.Tensor, tau: TimeMap) -> torch.Tensor:
+    """The stage-1 target c* (see :func:`fmlm_stage1_loss`); its intermediates die on return."""
+    u = s + 0.5 * (t - s)
+    G_s, G_u, G_t = _G(tau, s), _G(tau, u), _G(tau, t)
+    c_su = _residual_clean(p_s, student(x_s, s, u), G_s, G_u)
+    y_u = flow_step(x_s, c_su, G_s, G_u)
+    c_ut = _residual_clean(_probs(teacher(y_u, u)), student(y_u, u, t), G_u, G_t)
+    delta = G_t - G_s
+    w1 = torch.where(delta > 0, (G_u - G_s) / delta.clamp_min(1e-300), 0.5)
+    w2 = torch.where(delta > 0, (G_t - G_u) / delta.clamp_min(1e-300), 0.5)
+    k = _one_minus(G_s) / _one_minus(G_u)
+    return x_s + _bcast(w1) * (c_su - x_s) + _bcast(w2 * k) * (c_ut - y_u)
+
+
 def fmlm_stage1_loss(student: Model, teacher: Model, x1_ids: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
                      tau: TimeMap, generator: Generators, weighting: LossWeighting | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, Stats]:
@@ -196,20 +213,11 @@ def fmlm_stage1_loss(student: Model, teacher: Model, x1_ids: torch.Tensor, s: to
     (B) and ``n_tokens`` (B L). ``generator``: one per-rank generator or one per example (see
     ``_noisy_state``), on any device.
     """
-    u = s + 0.5 * (t - s)
-    G_s, G_u, G_t = _G(tau, s), _G(tau, u), _G(tau, t)
+    G_s, G_t = _G(tau, s), _G(tau, t)
     x_s = _noisy_state(x1_ids, G_s, teacher, generator)
     with torch.no_grad():
         p_s = _probs(teacher(x_s, s))
-        c_su = _residual_clean(p_s, student(x_s, s, u), G_s, G_u)
-        y_u = flow_step(x_s, c_su, G_s, G_u)
-        c_ut = _residual_clean(_probs(teacher(y_u, u)), student(y_u, u, t), G_u, G_t)
-        delta = G_t - G_s
-        has_len = delta > 0
-        w1 = torch.where(has_len, (G_u - G_s) / delta.clamp_min(1e-300), 0.5)
-        w2 = torch.where(has_len, (G_t - G_u) / delta.clamp_min(1e-300), 0.5)
-        k = _one_minus(G_s) / _one_minus(G_u)
-        target = x_s + _bcast(w1) * (c_su - x_s) + _bcast(w2 * k) * (c_ut - y_u)
+    target = _two_half_steps(student, teacher, x_s, p_s, s, t, tau)
     pred = _residual_clean(p_s, student(x_s, s, t), G_s, G_t)
     return _reduce((target - pred).square().sum(-1), s, t, weighting)
 
@@ -275,10 +283,9 @@ def _few_step(clean: CleanFn, tau: TimeMap, shape: tuple[int, int, int], steps: 
         a, b = (grid[j].float().expand(shape[0]) for j in (i, i + 1))
         G_a, G_b = G[i].expand(shape[0]), G[i + 1].expand(shape[0])
         c = clean(x, a, b, G_a, G_b)
-        if i == steps - 1:
-            return c.argmax(-1)
-        x = flow_step(x, c, G_a, G_b)
-    raise AssertionError("unreachable")
+        if i < steps - 1:
+            x = flow_step(x, c, G_a, G_b)
+    return c.argmax(-1)
 
 
 @torch.no_grad()

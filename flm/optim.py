@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from flm.config import OptimConfig
-from flm.distributed import clean_fqn
+from flm.distributed import clean_fqn, local_tensor
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
@@ -73,8 +73,8 @@ class EMA:
     def update(self) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        shadow = [_local(self.shadow[n]) for n in self.params]
-        current = [_local(p).float() for p in self.params.values()]
+        shadow = [local_tensor(self.shadow[n]) for n in self.params]
+        current = [local_tensor(p).float() for p in self.params.values()]
         torch._foreach_lerp_(shadow, current, 1 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -83,27 +83,24 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.updates = int(state["_updates"])
         for n, t in self.shadow.items():
-            _local(t).copy_(_local(state[n]))
+            local_tensor(t).copy_(local_tensor(state[n]))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Write the averaged weights into ``model`` (same sharding)."""
         for n, p in model.named_parameters():
-            _local(p).copy_(_local(self.shadow[clean_fqn(n)]))
+            local_tensor(p).copy_(local_tensor(self.shadow[clean_fqn(n)]))
 
 
     @contextmanager
     def averaged(self, model: nn.Module):
         """Temporarily swap the averaged weights into ``model`` (for sampling)."""
-        backup = [_local(p).detach().clone() for p in model.parameters()]
+        backup = [local_tensor(p).detach().clone() for p in model.parameters()]
         self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
                 for p, b in zip(model.parameters(), backup):
-                    _local(p).copy_(b)
+                    local_tensor(p).copy_(b)
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -39,8 +39,8 @@ warnings.filterwarnings("ignore", message="DTensor random operators may not have
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device, stream: int = 0) -> torch.Generator:
-    """Randomness of one step on one rank: a resumed step draws what the original drew.
-    ``rank=-1`` gives the generator shared by all ranks (stratified times)."""
+    """Randomness of one step: a resumed step draws what the original drew.
+    ``rank=-1`` gives the generator shared by all ranks (stratified times, intervals)."""
     g = torch.Generator(device=device)
     g.manual_seed(hash((seed, step, rank, stream)) % (2**63))
     return g
@@ -109,7 +109,6 @@ def train(config: str | None = None, **overrides) -> None:
         model.train()
         torch.manual_seed(hash((cfg.seed, step, info.rank)) % (2**63))  # dropout
         shared = step_generator(cfg.seed, step, -1, device)
-        local = step_generator(cfg.seed, step, info.rank, device)
         num_global = cfg.batch_size
         step_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (optimised, reported) sums
         for m in range(cfg.grad_accum):
@@ -119,12 +118,12 @@ def train(config: str | None = None, **overrides) -> None:
             sync = m == cfg.grad_accum - 1
             for module in trainable.values():
                 module.set_requires_gradient_sync(sync)
+            gens = example_generators(cfg.seed, step, index, device)  # noise, whatever the world size
             if distiller:  # optimise the weighted loss, report the raw one
                 loss_sum, report_sum, per_example, t = distiller.loss(model, ids, num_global, index, shared,
-                                                                      local, tau)
+                                                                      gens, tau)
             else:
                 t = stratified_times(num_global, index, shared)
-                gens = example_generators(cfg.seed, step, index, device)
                 loss_sum, per_example = flm_loss(model, ids, t, tau, gens, cfg.flow.low_rank_noise)
                 report_sum = loss_sum
             # FSDP averages gradients over ranks, so scale the local sum by
@@ -189,13 +188,12 @@ def validate(cfg: Config, model, tau, distiller, info, device) -> float:
     for i, ids in zip(range(cfg.eval_batches), loader):
         ids = ids.to(device)
         shared = step_generator(cfg.seed, -1 - i, -1, device, stream=1)
-        local = step_generator(cfg.seed, -1 - i, info.rank, device, stream=1)
         index = torch.arange(info.rank * micro, (info.rank + 1) * micro, device=device)
+        gens = example_generators(cfg.seed, -1 - i, index, device, stream=1)
         if distiller:
-            _, loss_sum, _, _ = distiller.loss(model, ids, num_global, index, shared, local, tau)
+            _, loss_sum, _, _ = distiller.loss(model, ids, num_global, index, shared, gens, tau)
         else:
             t = stratified_times(num_global, index, shared)
-            gens = example_generators(cfg.seed, -1 - i, index, device, stream=1)
             loss_sum, _ = flm_loss(model, ids, t, tau, gens, cfg.flow.low_rank_noise)
         total += torch.stack([loss_sum.double(), torch.tensor(ids.numel(), dtype=torch.float64, device=device)])
     total = all_reduce_sum(total, device)

@@ -15,7 +15,7 @@ from _synthetic import REPO, TINY, subprocess_env, losses, torchrun
 
 SMALL = ["--batch_size=4", "--ckpt_every=2", "--data.num_workers=0", "--log_every=1", "--eval_every=1000",
          "--sample_every=1000", "--sample_steps=[1]", "--eval_batches=1", "--num_samples=1",
-         "--optim.warmup_steps=1", "--distill.boundary_prob=4"]
+         "--optim.warmup_steps=1", "--distill.boundary_prob=4", "--keep_checkpoints=3"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,13 @@ def test_stage1_exact_resume_then_stage2_and_samplers(tmp_path, teacher):
     _distill(2, 1, split, teacher_path, dataset, 4)
     assert sorted(losses(full)) == [1, 2, 3, 4]
     assert losses(split) == losses(full)
+    # Per-example noise and globally drawn intervals: 1 process continues the
+    # 2-process run with the same data, times and noise (up to reduction order).
+    one = tmp_path / "one"
+    shutil.copytree(split / "checkpoints" / "step_00000002", one / "checkpoints" / "step_00000002")
+    _distill(1, 1, one, teacher_path, dataset, 4)
+    for step, value in losses(one).items():
+        assert value == pytest.approx(losses(full)[step], rel=1e-4, abs=1e-7)
 
     stage1 = full / "checkpoints" / "step_00000004"
     _distill(1, 2, tmp_path / "s2", teacher_path, dataset, 2, [f"--distill.stage1={stage1}"])
