@@ -112,8 +112,10 @@ def read_keys(path: str | Path) -> set[str]:
     return set(_SafeReader(str(path)).read_metadata().state_dict_metadata)
 
 
-def save(out_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Save ``state`` collectively; commit it with the COMPLETE marker; prune old ones."""
+def save(out_dir: str | Path, step: int, state: dict[str, Any], keep: int,
+         files: dict[str, str] | None = None) -> Path:
+    """Save ``state`` collectively, plus small text ``files`` (e.g. config.json);
+    commit it with the COMPLETE marker, written last; prune old ones."""
     path = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if is_main and path.exists():  # an interrupted save of the same step
@@ -122,6 +124,8 @@ def save(out_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Pa
     dcp.save(state, checkpoint_id=str(path))
     _barrier()
     if is_main:
+        for name, text in (files or {}).items():
+            (path / name).write_text(text)
         marker = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
         (path / COMPLETE).write_text(json.dumps(marker))
         for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
@@ -195,10 +199,7 @@ class TrainState:
         }
 
     def save(self, step: int, keep: int) -> Path:
-        path = save(self.out_dir, step, self.state_dict(step), keep)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            (path / "config.json").write_text(self.config_json)
-        return path
+        return save(self.out_dir, step, self.state_dict(step), keep, files={"config.json": self.config_json})
 
     def restore(self, path: Path | None) -> int:
         """Load ``path`` (if any) into the live objects; returns the step to continue from."""

@@ -63,7 +63,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
@@ -90,10 +91,14 @@ def _selective_policy():
     save = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
             torch.ops.aten._scaled_dot_product_efficient_attention.default,
             torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._scaled_dot_product_cudnn_attention.default,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+        # xformers registers its kernels as custom ops (e.g. xformers_flash::flash_fwd)
+        if op in save or str(op).startswith("xformers"):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 
@@ -117,27 +122,27 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         model.blocks[i] = wrap(block)
 
 
-def mixed_precision(mode: str, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 master weights and fp32 gradient reduction."""
+def mixed_precision(mode: str) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 master weights and fp32 gradient reduction.
+
+    Forward inputs are not cast: times t and noise levels g lose too much in
+    bf16 (1 - g near g = 1), and so do the RoPE tables handed to each block;
+    the model casts its activations itself (they come out of the bf16 input
+    and time layers in bf16).
+    """
     if mode not in ("bf16", "fp32"):
         raise ValueError(f"dist.mixed_precision={mode!r}: expected bf16 or fp32")
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
-                                cast_forward_inputs=cast_forward_inputs)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, precision: str,
                 reshard_after_forward: bool = True) -> nn.Module:
-    """``fully_shard`` each block, then the root (embeddings, time MLPs, output).
-
-    The root keeps its inputs in fp32: times t and noise levels g lose too much
-    in bf16 (1 - g near g = 1), so the model casts after its fp32 input maths;
-    blocks receive bf16 activations.
-    """
+    """``fully_shard`` each block, then the root (embeddings, time MLPs, output)."""
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mixed_precision(precision),
                     reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mixed_precision(precision, cast_forward_inputs=False),
+    fully_shard(model, mesh=mesh, mp_policy=mixed_precision(precision),
                 reshard_after_forward=reshard_after_forward)
     return model
 

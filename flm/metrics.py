@@ -51,6 +51,10 @@ class Throughput:
     def reset(self) -> None:
         self.t0, self.tokens, self.steps = time.perf_counter(), 0, 0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training steps (evaluation, checkpoints) out of the rates."""
+        self.t0 += seconds
+
     def add(self, global_tokens: int) -> None:
         self.tokens += global_tokens
         self.steps += 1

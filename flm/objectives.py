@@ -7,11 +7,23 @@ loop can divide by the global token count of the step.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flm.flow import Tau, interpolate
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integer parts (seed, step, rank, example, stream).
+
+    Deterministic across processes and Python versions, and distinct for
+    distinct parts (unlike ``hash`` of a tuple, where hash(-1) == hash(-2)).
+    """
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def stratified_times(num_global: int, indices: torch.Tensor, shared_gen: torch.Generator) -> torch.Tensor:
@@ -21,11 +33,11 @@ def stratified_times(num_global: int, indices: torch.Tensor, shared_gen: torch.G
     so that the N times of a step cover [0, 1) evenly across the *global*
     batch; each rank passes the global indices of its own examples.
     """
-    u = torch.rand((), generator=shared_gen, dtype=torch.float64)
-    return ((indices.double() + u) / num_global).float()
+    u = torch.rand((), generator=shared_gen, dtype=torch.float64, device=shared_gen.device)
+    return ((indices.to(u.device).double() + u) / num_global).float()
 
 
-def example_generators(seed: int, step: int, indices: torch.Tensor, device: torch.device,
+def example_generators(seed: int, step: int, indices: torch.Tensor | range, device: torch.device,
                        stream: int = 0) -> list[torch.Generator]:
     """One generator per example, seeded by (seed, step, global example index).
 
@@ -34,9 +46,9 @@ def example_generators(seed: int, step: int, indices: torch.Tensor, device: torc
     noise for the same example.
     """
     gens = []
-    for i in indices.tolist():
+    for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices):
         g = torch.Generator(device=device)
-        g.manual_seed(hash((seed, step, i, stream)) % (2**63))
+        g.manual_seed(derive_seed(seed, step, i, stream))
         gens.append(g)
     return gens
 

@@ -43,15 +43,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip by the global gradient norm across all shards; returns the norm before clipping."""
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm across all shards; returns the norm before
+    clipping as a 0-d tensor on the parameters' device (no host sync)."""
     with_grad = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad], foreach=True)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()  # sum of squares over the shards of every rank
     if max_norm > 0:  # takes parameters and scales their .grad
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm, foreach=True)
-    return norm.item()
+    return norm
 
 
 class EMA:

@@ -26,7 +26,7 @@ from flm.distributed import (all_reduce_sum, apply_activation_checkpointing, bui
 from flm.flow import Tau, get_tau
 from flm.metrics import Logger, Throughput, peak_memory_gib, setup_logging
 from flm.model import DiT
-from flm.objectives import example_generators, flm_loss, loss_by_bucket, stratified_times
+from flm.objectives import derive_seed, example_generators, flm_loss, loss_by_bucket, stratified_times
 from flm.optim import EMA, build_optimizer, build_scheduler, clip_grad_norm
 from flm.sampling import euler_sample
 from flm.distill import Distiller
@@ -42,7 +42,7 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device, stream
     """Randomness of one step: a resumed step draws what the original drew.
     ``rank=-1`` gives the generator shared by all ranks (stratified times, intervals)."""
     g = torch.Generator(device=device)
-    g.manual_seed(hash((seed, step, rank, stream)) % (2**63))
+    g.manual_seed(derive_seed(seed, step, rank, stream))
     return g
 
 
@@ -103,22 +103,24 @@ def train(config: str | None = None, **overrides) -> None:
     bucket_name = "loss_by_interval/d" if distiller else "loss_by_t/t"  # t - s, or t
     data_iter = iter(loader)
     stats = torch.zeros(2, 10, dtype=torch.float64, device=device)
-    loss_acc, n_acc, t_start = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
+    loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # (optimised, reported) sums
+    n_acc, t_start = 0, time.perf_counter()
 
     for step in range(start, cfg.steps):
         model.train()
-        torch.manual_seed(hash((cfg.seed, step, info.rank)) % (2**63))  # dropout
+        torch.manual_seed(derive_seed(cfg.seed, step, info.rank, 99))  # dropout
         shared = step_generator(cfg.seed, step, -1, device)
         num_global = cfg.batch_size
         step_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (optimised, reported) sums
         for m in range(cfg.grad_accum):
             ids = next(data_iter).to(device, non_blocking=True)
             first = (m * world + info.rank) * micro  # global index of this micro-batch's first example
+            rows = range(first, first + micro)
             index = torch.arange(first, first + micro, device=device)
             sync = m == cfg.grad_accum - 1
             for module in trainable.values():
                 module.set_requires_gradient_sync(sync)
-            gens = example_generators(cfg.seed, step, index, device)  # noise, whatever the world size
+            gens = example_generators(cfg.seed, step, rows, device)  # noise, whatever the world size
             if distiller:  # optimise the weighted loss, report the raw one
                 loss_sum, report_sum, per_example, t = distiller.loss(model, ids, num_global, index, shared,
                                                                       gens, tau)
@@ -137,15 +139,16 @@ def train(config: str | None = None, **overrides) -> None:
         scheduler.step()
         ema.update()
         throughput.add(tokens_per_step)
-        loss_acc += all_reduce_sum(step_loss, device).cpu() / tokens_per_step
+        loss_acc += step_loss  # this rank's sums; reduced over ranks when logged
         n_acc += 1
         done = step + 1
 
         if done % cfg.log_every == 0 or done == cfg.steps:
-            values = {"loss": loss_acc[1].item() / n_acc}
+            sums = all_reduce_sum(loss_acc, device).cpu() / (tokens_per_step * n_acc)
+            values = {"loss": sums[1].item()}
             if distiller:
-                values["weighted_loss"] = loss_acc[0].item() / n_acc
-            values |= {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                values["weighted_loss"] = sums[0].item()
+            values |= {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                **throughput.read(), "peak_mem_gib": peak_memory_gib(device)}
             logger.scalars(done, values, "train/")
             logger.console(done, values)
@@ -155,7 +158,9 @@ def train(config: str | None = None, **overrides) -> None:
             if distiller:
                 logger.scalars(done, distiller.weighting_curve(device), "weighting/w_centred_")
             stats.zero_()
-            loss_acc, n_acc = torch.zeros(2, dtype=torch.float64), 0
+            loss_acc.zero_()
+            n_acc = 0
+        side_start = time.perf_counter()  # evaluation, sampling, saving: not training throughput
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val = validate(cfg, model, tau, distiller, info, device)
             logger.scalars(done, {"loss": val}, "val/")
@@ -169,6 +174,7 @@ def train(config: str | None = None, **overrides) -> None:
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             path = state.save(done, cfg.keep_checkpoints)
             log.info("checkpoint: %s", path)
+        throughput.exclude(time.perf_counter() - side_start)
         logger.flush()
     logger.close()
     log.info("done: %d steps in %.1fs", cfg.steps - start, time.perf_counter() - t_start)
@@ -187,9 +193,10 @@ def validate(cfg: Config, model, tau, distiller, info, device) -> float:
     num_global = micro * info.world_size
     for i, ids in zip(range(cfg.eval_batches), loader):
         ids = ids.to(device)
-        shared = step_generator(cfg.seed, -1 - i, -1, device, stream=1)
-        index = torch.arange(info.rank * micro, (info.rank + 1) * micro, device=device)
-        gens = example_generators(cfg.seed, -1 - i, index, device, stream=1)
+        shared = step_generator(cfg.seed, i, -1, device, stream=1)
+        rows = range(info.rank * micro, (info.rank + 1) * micro)
+        index = torch.arange(rows.start, rows.stop, device=device)
+        gens = example_generators(cfg.seed, i, rows, device, stream=1)
         if distiller:
             _, loss_sum, _, _ = distiller.loss(model, ids, num_global, index, shared, gens, tau)
         else:

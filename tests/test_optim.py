@@ -34,7 +34,7 @@ def test_scheduler_state_round_trip():
 def test_clip_grad_norm_reports_and_clips():
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.full((4,), 3.0)  # norm 6
-    norm = clip_grad_norm([p], 1.0)
+    norm = float(clip_grad_norm([p], 1.0))
     assert norm == pytest.approx(6.0)
     assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
 
