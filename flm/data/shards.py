@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -302,13 +303,14 @@ class _Shard:
         index_start = size - _FOOTER.size - 8 * (self.num_frames + 1)
         if index_start < 0:
             raise DataFormatError(f"{path}: file too small ({size} bytes) for {self.num_frames} frames")
-        self.data = np.memmap(path, dtype=np.uint8, mode="r")
-        magic, tokens, frames, frame_tokens_, itemsize = _FOOTER.unpack(self.data[-_FOOTER.size:].tobytes())
+        with open(path, "rb") as f:  # a memoryview slice is much cheaper than an np.memmap slice per frame
+            self.data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        magic, tokens, frames, frame_tokens_, itemsize = _FOOTER.unpack(self.data[-_FOOTER.size:])
         expected = (_MAGIC, self.num_tokens, self.num_frames, frame_tokens, dtype.itemsize)
         if (magic, tokens, frames, frame_tokens_, itemsize) != expected:
             raise DataFormatError(f"{path}: footer (magic, num_tokens, num_frames, frame_tokens, itemsize) = "
                                   f"{(magic, tokens, frames, frame_tokens_, itemsize)}, expected {expected}")
-        offsets = np.frombuffer(self.data[index_start:size - _FOOTER.size].tobytes(), "<u8")
+        offsets = np.frombuffer(self.data[index_start:size - _FOOTER.size], "<u8")
         if offsets[0] != 0 or offsets[-1] != index_start or np.any(np.diff(offsets.astype(np.int64)) <= 0):
             raise DataFormatError(f"{path}: frame index is inconsistent (offsets must rise from 0 to {index_start})")
         self.offsets = offsets.tolist()
@@ -389,6 +391,12 @@ class TokenDataset:
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(f"read [{start}, {start + length}) is outside split '{self.split}' "
                              f"of {self.num_tokens} tokens")
+        shard = bisect.bisect_right(self._starts, start) - 1
+        frame, offset = divmod(start - self._starts[shard], self.frame_tokens)
+        if offset + length <= self.frame_tokens:  # fast path: inside one frame (aligned windows)
+            tokens = self._frame(shard, frame)
+            if offset + length <= tokens.size:
+                return tokens[offset:offset + length].astype(dtype or self.dtype)
         out = np.empty(length, dtype or self.dtype)
         done = 0
         while done < length:
