@@ -103,7 +103,8 @@ def train(config: str | None = None, **overrides) -> None:
     bucket_name = "loss_by_interval/d" if distiller else "loss_by_t/t"  # t - s, or t
     data_iter = iter(loader)
     stats = torch.zeros(2, 10, dtype=torch.float64, device=device)
-    loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # (optimised, reported) sums
+    # (optimised, reported) loss sums of this rank since the last log line; reduced when logged
+    loss_acc = torch.zeros(2, dtype=torch.float64, device=device)
     n_acc, t_start = 0, time.perf_counter()
 
     for step in range(start, cfg.steps):
@@ -111,7 +112,6 @@ def train(config: str | None = None, **overrides) -> None:
         torch.manual_seed(derive_seed(cfg.seed, step, info.rank, 99))  # dropout
         shared = step_generator(cfg.seed, step, -1, device)
         num_global = cfg.batch_size
-        step_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (optimised, reported) sums
         for m in range(cfg.grad_accum):
             ids = next(data_iter).to(device, non_blocking=True)
             first = (m * world + info.rank) * micro  # global index of this micro-batch's first example
@@ -131,7 +131,7 @@ def train(config: str | None = None, **overrides) -> None:
             # FSDP averages gradients over ranks, so scale the local sum by
             # world / global tokens: the gradient is that of the global token mean.
             (loss_sum * world / tokens_per_step).backward()
-            step_loss += torch.stack([loss_sum.detach(), report_sum.detach()]).double()
+            loss_acc += torch.stack([loss_sum.detach(), report_sum.detach()]).double()  # this rank's sums
             stats += loss_by_bucket(t, per_example)
         grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
         optimizer.step()
@@ -139,7 +139,6 @@ def train(config: str | None = None, **overrides) -> None:
         scheduler.step()
         ema.update()
         throughput.add(tokens_per_step)
-        loss_acc += step_loss  # this rank's sums; reduced over ranks when logged
         n_acc += 1
         done = step + 1
 
