@@ -42,6 +42,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # A second time embedding emb'(t) for flow-map students g(x, s, t), h(x, s, t).
     two_times: bool = False
+    # Causal attention (the autoregressive baseline).
+    causal: bool = False
+    # Input ids beyond the vocabulary (MDLM's mask, AR's start id = vocab_size); never predicted.
+    extra_input_ids: int = 0
 
 
 @dataclass
@@ -99,7 +103,7 @@ class DistConfig:
 
 @dataclass
 class Config:
-    objective: Literal["flm", "fmlm_stage1", "fmlm_stage2"] = "flm"
+    objective: str = "flm"  # a method of flm.methods.METHODS: flm, fmlm_stage1, fmlm_stage2, mdlm, ar
     out_dir: str = "runs/default"
     seed: int = 0
     steps: int = 1000
@@ -122,6 +126,14 @@ class Config:
     flow: FlowConfig = field(default_factory=FlowConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self) -> Config:
+        """Check values that no type can express; returns self."""
+        from flm.methods import METHODS  # the registry imports this module
+
+        if self.objective not in METHODS:
+            raise ConfigError(f"objective={self.objective!r}: expected one of {sorted(METHODS)}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,7 +197,7 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> An
                 setattr(obj, part, _convert(value, types[part], dotted))
             else:
                 obj = getattr(obj, part)
-    return cfg
+    return cfg.validate() if isinstance(cfg, Config) else cfg
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -200,6 +212,23 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         else:
             kwargs[name] = _convert(value, typ, name)
     return cls(**kwargs)
+
+
+def parse_int_list(name: str, value: Any) -> list[int]:
+    """A command-line list of ints: "1,2,4", "[1, 2]", (1, 2) or 1 (as fire passes them)."""
+    items = value if isinstance(value, (list, tuple)) else str(value).strip("[]() ").split(",")
+    try:
+        return [int(str(item).strip()) for item in items if str(item).strip()]
+    except ValueError:
+        raise ConfigError(f"--{name}={value!r}: expected comma-separated integers") from None
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """A command-line boolean: True/False or true/false/yes/no/on/off/1/0."""
+    try:
+        return _convert(value, bool, f"--{name}")
+    except ConfigError:
+        raise ConfigError(f"--{name}={value!r}: expected true or false") from None
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 _HERMITE_NODES = 200  # error in q below 1e-6 at V = 50257 (100 nodes: ~7e-5)
 _GRID_POINTS = 2049  # g grid for the table, cosine-spaced (dense near both ends)
-_MIN_ONE_MINUS_G = 1e-6  # 1 - g is clamped here in the velocity
+MIN_ONE_MINUS_G = 1e-6  # 1 - g is clamped here wherever it divides (velocity, flow-map steps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,7 +156,7 @@ def velocity(logits: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Te
     """
     g = _per_example(g.float(), x.dim())
     p = torch.softmax(logits.float(), dim=-1)
-    return (p - x.float()) / (1.0 - g).clamp_min(_MIN_ONE_MINUS_G)
+    return (p - x.float()) / (1.0 - g).clamp_min(MIN_ONE_MINUS_G)
 
 
 def noise_factor(w_in: torch.Tensor) -> torch.Tensor:

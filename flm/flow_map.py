@@ -31,14 +31,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from flm.flow import interpolate
+from flm.flow import MIN_ONE_MINUS_G, interpolate
 
 Model = Callable[..., torch.Tensor]
 TimeMap = Callable[[torch.Tensor], torch.Tensor]
 Stats = dict[str, torch.Tensor | int]
 Generators = torch.Generator | Sequence[torch.Generator]
-
-_MIN_ONE_MINUS_G = 1e-6  # 1 - G is clamped here wherever it divides
 
 
 def _bcast(v: torch.Tensor) -> torch.Tensor:
@@ -47,7 +45,7 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
 
 
 def _one_minus(G: torch.Tensor) -> torch.Tensor:
-    return (1.0 - G).clamp_min(_MIN_ONE_MINUS_G)
+    return (1.0 - G).clamp_min(MIN_ONE_MINUS_G)
 
 
 def _G(tau: TimeMap, t: torch.Tensor) -> torch.Tensor:
@@ -245,27 +243,6 @@ def fmlm_stage2_loss(student_h: Model, teacher: Model, stage1_g: Model, x1_ids: 
     r = ((G_t - G_s) / _one_minus(G_s)).clamp(0.0, 1.0)
     err = _bcast(r) * (target_clean - _probs(student_h(x_s, s, t)))
     return _reduce(err.square().sum(-1), s, t, weighting)
-
-
-def init_student_from_teacher(student: nn.Module, teacher_state_dict: dict[str, torch.Tensor],
-                              zero_output: bool) -> None:
-    """Load the teacher's weights into a two-time student and zero its new paths.
-
-    Every student key except ``time_emb2.*`` must be in the teacher's state dict (and
-    vice versa); then emb'(t)'s last layer (``time_emb2.mlp[-1]``) is zeroed, so the
-    student ignores t at init, and with ``zero_output`` (stage 1) also the output layer
-    ``final.linear``, so g = 0 and X_{s,t} is the teacher's Euler step. Stage 2 keeps the
-    teacher's output layer: h = D at init.
-    """
-    result = student.load_state_dict(teacher_state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("time_emb2.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"teacher/student mismatch: missing {missing}, unexpected {result.unexpected_keys}")
-    layers = [student.time_emb2.mlp[-1]] + ([student.final.linear] if zero_output else [])
-    with torch.no_grad():
-        for layer in layers:
-            for p in layer.parameters():
-                p.zero_()
 
 
 CleanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,4 +1,4 @@
-"""Generate text from a trained FLM, stage-1 flow map or FMLM checkpoint.
+"""Generate text from a trained model of any method (FLM, stage-1 map, FMLM, MDLM, AR).
 
     python run/sample.py runs/tiny/checkpoints/step_00000300 --steps 1,8,64,256 --num 4
     python run/sample.py runs/tiny_fmlm/model.pt --steps 1 --num 16 --out samples.jsonl
@@ -17,17 +17,28 @@ from pathlib import Path
 import fire
 import torch
 
+from flm.config import ConfigError, parse_int_list
 from flm.data import Tokenizer
 from flm.sampling import load_sampler
 
 
 def main(checkpoint: str, steps: str | int | tuple = "1,8,64", num: int = 4, seed: int = 0,
          out: str | None = None, tokenizer: str | None = None, teacher: str | None = None,
-         device: str = "cuda" if torch.cuda.is_available() else "cpu") -> None:
-    """Sample ``num`` sequences at each step count in ``steps`` (comma-separated)."""
-    step_list = [int(s) for s in (steps.split(",") if isinstance(steps, str) else
-                                  (steps if isinstance(steps, (tuple, list)) else [steps]))]
-    sampler = load_sampler(checkpoint, device, teacher=teacher)
+         top_p: float | None = None, device: str = "cuda" if torch.cuda.is_available() else "cpu") -> None:
+    """Sample ``num`` sequences at each step count in ``steps`` (comma-separated).
+
+    ``teacher`` replaces the FLM teacher recorded in a stage-1 map; ``top_p``
+    (AR only) samples from the nucleus of that probability mass. Methods with a
+    fixed step count (AR) sample once, at their own count.
+    """
+    try:
+        step_list = parse_int_list("steps", steps)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+    options = {} if top_p is None else {"top_p": float(top_p)}
+    sampler = load_sampler(checkpoint, device, teacher=teacher, **options)
+    if not sampler.any_steps:
+        step_list = [sampler.seq_len]
     tok_path = tokenizer or Path(sampler.config["data"]["path"]) / "tokenizer.model"
     tok = Tokenizer.load(tok_path)
     if tok.vocab_size != sampler.vocab_size:

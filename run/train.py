@@ -1,11 +1,12 @@
-"""Train an FLM teacher or distil it into a flow map, on one CPU or many GPUs.
+"""Train any method of ``flm.methods`` (FLM teacher, FMLM stages, MDLM, AR), on one CPU or many GPUs.
 
     torchrun --nproc_per_node 8 run/train.py --config configs/owt_small.py
     python run/train.py --config configs/tiny.py --steps=200 --optim.lr=1e-3
 
-The whole step is in ``train`` below, top to bottom: data -> objective ->
+The whole step is in ``train`` below, top to bottom: data -> the method's loss ->
 backward -> clip -> AdamW -> EMA -> metrics -> checkpoint. Everything it calls
-is a small module of ``flm``.
+is a small module of ``flm``; what differs between methods is behind
+``method`` (see ``flm/methods/base.py``), so nothing here branches on it.
 """
 
 from __future__ import annotations
@@ -23,27 +24,18 @@ from flm.config import Config, load_config
 from flm.data import Tokenizer, build_loader
 from flm.distributed import (all_reduce_sum, apply_activation_checkpointing, build_mesh,
                              init_distributed, materialize, shard_model)
-from flm.flow import Tau, get_tau
+from flm.methods import METHODS, Batch
+from flm.methods.base import loss_by_bucket
 from flm.metrics import Logger, Throughput, peak_memory_gib, setup_logging
 from flm.model import DiT
-from flm.objectives import derive_seed, example_generators, flm_loss, loss_by_bucket, stratified_times
 from flm.optim import EMA, build_optimizer, build_scheduler, clip_grad_norm
-from flm.sampling import euler_sample
-from flm.distill import Distiller
+from flm.rng import derive_seed, example_generators, step_generator
 
 log = logging.getLogger("flm")
 # FSDP2 warns that the root returns a view (the logits); no caller modifies them in place.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 # On CPU meshes DTensor's RNG tracker is off; flm.distributed.materialize handles init there.
 warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-
-
-def step_generator(seed: int, step: int, rank: int, device: torch.device, stream: int = 0) -> torch.Generator:
-    """Randomness of one step: a resumed step draws what the original drew.
-    ``rank=-1`` gives the generator shared by all ranks (stratified times, intervals)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(seed, step, rank, stream))
-    return g
 
 
 def train(config: str | None = None, **overrides) -> None:
@@ -69,8 +61,8 @@ def train(config: str | None = None, **overrides) -> None:
     # ---- model: meta -> activation checkpointing -> fully_shard -> materialise -> init ----
     mesh = build_mesh(info, cfg.dist.replicate)
     torch.manual_seed(cfg.seed)
-    distiller = Distiller.build(cfg, mesh, device) if cfg.objective != "flm" else None
-    if info.is_main:  # after Distiller.build, which sets the student's backbone
+    method = METHODS[cfg.objective].build(cfg, mesh, device)  # frozen networks; sets cfg.model
+    if info.is_main:  # after build, which fixes the trained backbone
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(cfg.to_json())
     with torch.device("meta"):
@@ -78,29 +70,22 @@ def train(config: str | None = None, **overrides) -> None:
     apply_activation_checkpointing(model, cfg.dist.activation_checkpointing)
     shard_model(model, mesh, cfg.dist.mixed_precision)
     materialize(model, device, reference=lambda: DiT(cfg.model))
-    if distiller:
-        distiller.init_student(model)
-    trainable = torch.nn.ModuleDict({"model": model})
-    if distiller and distiller.weighting is not None:
-        trainable["weighting"] = distiller.weighting
+    method.init_model(model)
+    trainable = torch.nn.ModuleDict({"model": model, **method.extra_modules})
     params = [p for p in trainable.parameters()]
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     ema = EMA(model, cfg.optim.ema_decay)
-    tau = get_tau(cfg.model.vocab_size) if cfg.flow.use_tau else Tau.identity()
     log.info("model: %.2fM parameters, %d ranks, mesh %s, micro-batch %d x %d accumulation",
              model.num_params() / 1e6, world, tuple(mesh.shape), micro, cfg.grad_accum)
 
     # ---- resume: one DCP load restores everything the step loop depends on ----
     state = ckpt.TrainState(out_dir, trainable, optimizer, scheduler, ema, loader, cfg.to_json(),
-                            distiller.provenance if distiller else None)
+                            method.provenance)
     start = state.restore(ckpt.resolve_resume(cfg.resume, out_dir))
 
     logger = Logger(out_dir / "tb", enabled=info.is_main, jsonl=out_dir / "metrics.jsonl")
-    flops = (model.flops_per_token(dense_input=True) * distiller.cost if distiller
-             else model.flops_per_token(dense_input=not cfg.flow.low_rank_noise))
-    throughput = Throughput(flops, world, device)
-    bucket_name = "loss_by_interval/d" if distiller else "loss_by_t/t"  # t - s, or t
+    throughput = Throughput(model.flops_per_token(dense_input=method.dense_input) * method.cost, world, device)
     data_iter = iter(loader)
     stats = torch.zeros(2, 10, dtype=torch.float64, device=device)
     # (optimised, reported) loss sums of this rank since the last log line; reduced when logged
@@ -121,18 +106,12 @@ def train(config: str | None = None, **overrides) -> None:
             for module in trainable.values():
                 module.set_requires_gradient_sync(sync)
             gens = example_generators(cfg.seed, step, rows, device)  # noise, whatever the world size
-            if distiller:  # optimise the weighted loss, report the raw one
-                loss_sum, report_sum, per_example, t = distiller.loss(model, ids, num_global, index, shared,
-                                                                      gens, tau)
-            else:
-                t = stratified_times(num_global, index, shared)
-                loss_sum, per_example = flm_loss(model, ids, t, tau, gens, cfg.flow.low_rank_noise)
-                report_sum = loss_sum
+            out = method.loss(model, Batch(ids, index, num_global, shared, gens))
             # FSDP averages gradients over ranks, so scale the local sum by
             # world / global tokens: the gradient is that of the global token mean.
-            (loss_sum * world / tokens_per_step).backward()
-            loss_acc += torch.stack([loss_sum.detach(), report_sum.detach()]).double()  # this rank's sums
-            stats += loss_by_bucket(t, per_example)
+            (out.objective * world / tokens_per_step).backward()
+            loss_acc += torch.stack([out.objective.detach(), out.loss.detach()]).double()  # this rank's sums
+            stats += loss_by_bucket(out.bucket, out.per_item)
         grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -145,28 +124,27 @@ def train(config: str | None = None, **overrides) -> None:
         if done % cfg.log_every == 0 or done == cfg.steps:
             sums = all_reduce_sum(loss_acc, device).cpu() / (tokens_per_step * n_acc)
             values = {"loss": sums[1].item()}
-            if distiller:
+            if method.weighted:  # optimise the weighted loss, report the raw one too
                 values["weighted_loss"] = sums[0].item()
             values |= {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                **throughput.read(), "peak_mem_gib": peak_memory_gib(device)}
             logger.scalars(done, values, "train/")
             logger.console(done, values)
             buckets = all_reduce_sum(stats, device)
-            logger.scalars(done, {f"{bucket_name}{b / 10:.1f}": buckets[0, b].item() / buckets[1, b].item()
+            logger.scalars(done, {f"{method.bucket_label}{b / 10:.1f}": buckets[0, b].item() / buckets[1, b].item()
                                   for b in range(10) if buckets[1, b] > 0})
-            if distiller:
-                logger.scalars(done, distiller.weighting_curve(device), "weighting/w_centred_")
+            logger.scalars(done, method.scalars(device))
             stats.zero_()
             loss_acc.zero_()
             n_acc = 0
         side_start = time.perf_counter()  # evaluation, sampling, saving: not training throughput
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            val = validate(cfg, model, tau, distiller, info, device)
+            val = validate(cfg, model, method, info, device)
             logger.scalars(done, {"loss": val}, "val/")
             logger.console(done, {"val_loss": val})
         if done % cfg.sample_every == 0 or done == cfg.steps:
             with ema.averaged(model):
-                for steps_n, text in generate(cfg, model, tau, distiller, tokenizer, device):
+                for steps_n, text in generate(cfg, model, method, tokenizer, device):
                     logger.text(done, f"samples/{steps_n}_steps", text)
                     if info.is_main:
                         log.info("sample (%d steps, EMA): %s", steps_n, text[:300].replace("\n", " / "))
@@ -181,9 +159,9 @@ def train(config: str | None = None, **overrides) -> None:
 
 
 @torch.no_grad()
-def validate(cfg: Config, model, tau, distiller, info, device) -> float:
-    """Mean validation loss (for distillation the raw, unweighted squared error) over
-    a fixed set of windows, times and noises."""
+def validate(cfg: Config, model, method, info, device) -> float:
+    """The method's reported loss per token (FLM cross-entropy, MDLM NELBO, the raw
+    flow-map squared error, ...) over a fixed set of windows, times and noises."""
     model.eval()
     micro = max(1, cfg.batch_size // (info.world_size * cfg.grad_accum))
     loader = build_loader(cfg.data.path, cfg.data.val_split, cfg.model.seq_len, micro, info.rank,
@@ -192,31 +170,23 @@ def validate(cfg: Config, model, tau, distiller, info, device) -> float:
     num_global = micro * info.world_size
     for i, ids in zip(range(cfg.eval_batches), loader):
         ids = ids.to(device)
-        shared = step_generator(cfg.seed, i, -1, device, stream=1)
         rows = range(info.rank * micro, (info.rank + 1) * micro)
         index = torch.arange(rows.start, rows.stop, device=device)
-        gens = example_generators(cfg.seed, i, rows, device, stream=1)
-        if distiller:
-            _, loss_sum, _, _ = distiller.loss(model, ids, num_global, index, shared, gens, tau)
-        else:
-            t = stratified_times(num_global, index, shared)
-            loss_sum, _ = flm_loss(model, ids, t, tau, gens, cfg.flow.low_rank_noise)
+        batch = Batch(ids, index, num_global, step_generator(cfg.seed, i, -1, device, stream=1),
+                      example_generators(cfg.seed, i, rows, device, stream=1))
+        loss_sum = method.loss(model, batch).loss
         total += torch.stack([loss_sum.double(), torch.tensor(ids.numel(), dtype=torch.float64, device=device)])
     total = all_reduce_sum(total, device)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
 @torch.no_grad()
-def generate(cfg: Config, model, tau, distiller, tokenizer, device):
+def generate(cfg: Config, model, method, tokenizer, device):
     """Decoded samples at each of ``cfg.sample_steps`` (every rank runs the forwards)."""
     model.eval()
-    for steps_n in cfg.sample_steps:
+    for steps_n in cfg.sample_steps if method.any_steps else [cfg.model.seq_len]:
         gen = step_generator(cfg.seed, steps_n, 0, device, stream=2)
-        if distiller:
-            ids = distiller.sample(model, tau, cfg.num_samples, steps_n, gen, device)
-        else:
-            ids = euler_sample(model, tau, cfg.num_samples, cfg.model.seq_len, cfg.model.vocab_size,
-                               steps_n, gen, device)
+        ids, _ = method.sample(model, cfg.num_samples, steps_n, gen)
         texts = [tokenizer.decode(row.tolist()) for row in ids.cpu()]
         yield steps_n, "\n\n---\n\n".join(texts)
 

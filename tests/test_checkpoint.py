@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from flm import checkpoint as ckpt
+from flm import checkpoint as ckpt, loading
 
 
 def _state(step: int) -> dict:
@@ -34,7 +34,7 @@ def test_complete_marker_keep_last_and_resume(tmp_path):
     (broken / ".metadata").write_bytes(b"partial")
     assert ckpt.resolve_resume("auto", tmp_path).name == "step_00000003"
     assert ckpt.resolve_resume("none", tmp_path) is None
-    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+    with pytest.raises(loading.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(broken), tmp_path)
 
 
@@ -43,17 +43,17 @@ def test_load_fills_state_in_place(tmp_path):
     target = {"ema": {"w": torch.zeros(3, 2), "b": torch.zeros(4)}, "train": {"step": 0}}
     ckpt.load(path, target)
     assert target["train"]["step"] == 5 and torch.equal(target["ema"]["w"], torch.full((3, 2), 5.0))
-    assert ckpt.load_weights(path, ["w"], which="ema")["w"].sum() == 30
+    assert loading.load_weights(path, ["w"], which="ema")["w"].sum() == 30
 
 
 def test_export_round_trip_weights_only(tmp_path):
     path = _save(tmp_path, 7)
-    out = ckpt.export(path, tmp_path / "model.pt")
+    out = loading.export(path, tmp_path / "model.pt")
     data = torch.load(out, weights_only=True)
     assert set(data["model"]) == {"w", "b"} and json.loads(data["config"])["objective"] == "flm"
-    assert torch.equal(ckpt.load_weights(out, ["w"])["w"], torch.full((3, 2), 7.0))
-    assert ckpt.read_config(out)["model"]["dim"] == 2
-    assert ckpt.fingerprint(out) != ckpt.fingerprint(path)
+    assert torch.equal(loading.load_weights(out, ["w"])["w"], torch.full((3, 2), 7.0))
+    assert loading.read_config(out)["model"]["dim"] == 2
+    assert loading.fingerprint(out) != loading.fingerprint(path)
 
 
 class _Evil:
@@ -64,17 +64,17 @@ class _Evil:
 def test_untrusted_pickles_are_refused(tmp_path):
     path = _save(tmp_path, 1)
     (path / ".metadata").write_bytes(pickle.dumps(_Evil()))
-    with pytest.raises(ckpt.CheckpointError, match="posix.system|os.system|not allowed"):
-        ckpt.read_keys(path)
+    with pytest.raises(loading.CheckpointError, match="posix.system|os.system|not allowed"):
+        loading.read_keys(path)
     evil_export = tmp_path / "evil.pt"
     torch.save({"config": "{}", "model": _Evil()}, evil_export)
-    with pytest.raises(ckpt.CheckpointError, match="weights-only load failed"):
-        ckpt.load_weights(evil_export, ["w"])
+    with pytest.raises(loading.CheckpointError, match="weights-only load failed"):
+        loading.load_weights(evil_export, ["w"])
 
 
 def test_missing_weights_named(tmp_path):
     path = _save(tmp_path, 1)
-    with pytest.raises(ckpt.CheckpointError, match="no weight 'ema.nope'"):
-        ckpt.load_weights(path, ["nope"])
-    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint"):
-        ckpt.read_config(tmp_path / "absent.pt")
+    with pytest.raises(loading.CheckpointError, match="no weight 'ema.nope'"):
+        loading.load_weights(path, ["nope"])
+    with pytest.raises(loading.CheckpointError, match="no such checkpoint"):
+        loading.read_config(tmp_path / "absent.pt")

@@ -20,8 +20,8 @@ def test_unknown_key_lists_valid_ones():
 
 
 def test_bad_values_are_errors():
-    with pytest.raises(ConfigError, match="objective='ar'.*expected one of"):
-        apply_overrides(Config(), {"objective": "ar"})
+    with pytest.raises(ConfigError, match=r"objective='gan'.*expected one of \['ar', 'flm', 'fmlm_stage1'"):
+        apply_overrides(Config(), {"objective": "gan"})
     with pytest.raises(ConfigError, match="steps='many': expected int"):
         apply_overrides(Config(), {"steps": "many"})
     with pytest.raises(ConfigError, match="is a section"):

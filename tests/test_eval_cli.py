@@ -1,4 +1,4 @@
-"""run/eval.py end to end on a tiny FLM trained for two steps: files, schema, table, plot, errors, torchrun.
+"""The evaluation harness (run/eval.py) end to end on a tiny FLM trained for two steps: files, schema, table, plot, errors, torchrun.
 
 The full evaluation (Gen PPL, MAUVE, plot) needs the eval extra: without it those
 tests are skipped, unless FLM_REQUIRE_EVAL=1 (set by CI), under which a missing
@@ -16,13 +16,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from _synthetic import make_dataset
-from flm import checkpoint as ckpt
+from flm import loading
+from flm.eval.harness import EvalArgumentError, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRE_EVAL = os.environ.get("FLM_REQUIRE_EVAL") == "1"
@@ -45,16 +46,6 @@ def require(*modules: str) -> None:
         if REQUIRE_EVAL:
             pytest.fail(message)
         pytest.skip(message)
-
-
-def load_cli() -> ModuleType:
-    """``run/eval.py`` as a module (run/ holds scripts, not a package)."""
-    if "flm_run_eval" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("flm_run_eval", REPO / "run" / "eval.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["flm_run_eval"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["flm_run_eval"]
 
 
 def env() -> dict[str, str]:
@@ -82,7 +73,7 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     checkpoint = out / "checkpoints" / "step_00000002"
     return SimpleNamespace(root=root, dataset=dataset, checkpoint=checkpoint,
-                           export=ckpt.export(checkpoint, root / "tiny.pt"))
+                           export=loading.export(checkpoint, root / "tiny.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,7 @@ def evaluated(trained, tmp_path_factory) -> SimpleNamespace:
     """The full evaluation of the checkpoint directory and its export at 1 and 2 steps."""
     require(*EVAL_MODULES)
     out = tmp_path_factory.mktemp("eval_out")
-    load_cli().main(checkpoints=f"{trained.checkpoint},{trained.export}", steps="1,2", num_samples=8,
+    evaluate(checkpoints=f"{trained.checkpoint},{trained.export}", steps="1,2", num_samples=8,
                     batch_size=4, out=str(out), progress=False)
     return SimpleNamespace(out=out, results=json.loads((out / "results.json").read_text()))
 
@@ -181,23 +172,23 @@ def test_plot_is_a_png(evaluated) -> None:
 def test_bad_arguments_name_the_argument(trained, tmp_path, overrides, message) -> None:
     kwargs = {"checkpoints": str(trained.checkpoint) + overrides.pop("kind_suffix", ""), "steps": "1",
               "num_samples": 4, "out": str(tmp_path), "progress": False, **overrides}
-    with pytest.raises(SystemExit, match=message):
-        load_cli().main(**kwargs)
+    with pytest.raises(EvalArgumentError, match=message):
+        evaluate(**kwargs)
 
 
 def test_tokenizer_mismatch(trained, tmp_path) -> None:
     other, _ = make_dataset(tmp_path, vocab_size=320)  # another tokenizer
     common = {"steps": "1", "num_samples": 4, "out": str(tmp_path / "out"), "progress": False}
-    with pytest.raises(SystemExit, match="tokenizer mismatch"):  # reference data vs checkpoint
-        load_cli().main(checkpoints=str(trained.checkpoint), data=str(other), **common)
+    with pytest.raises(EvalArgumentError, match="tokenizer mismatch"):  # reference data vs checkpoint
+        evaluate(checkpoints=str(trained.checkpoint), data=str(other), **common)
 
     moved = tmp_path / "other_run" / "checkpoints" / "step_00000002"  # a checkpoint trained on `other`
     shutil.copytree(trained.checkpoint, moved)
     config = json.loads((moved / "config.json").read_text())
     config["data"]["path"] = str(other)
     (moved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="tokenizer mismatch.*other_run/step_00000002"):
-        load_cli().main(checkpoints=f"{trained.checkpoint},{moved}", **common)
+    with pytest.raises(EvalArgumentError, match="tokenizer mismatch.*other_run/step_00000002"):
+        evaluate(checkpoints=f"{trained.checkpoint},{moved}", **common)
 
 
 def test_all_empty_samples_are_an_error(trained, tmp_path, monkeypatch) -> None:
@@ -208,7 +199,7 @@ def test_all_empty_samples_are_an_error(trained, tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(Sampler, "generate", only_eos)
     with pytest.raises(ValueError, match="at 1 steps: all 4 samples are empty after decoding"):
-        load_cli().main(checkpoints=str(trained.checkpoint), steps="1", num_samples=4, out=str(tmp_path),
+        evaluate(checkpoints=str(trained.checkpoint), steps="1", num_samples=4, out=str(tmp_path),
                         scorer="none", mauve=False, progress=False)
 
 
@@ -220,7 +211,7 @@ def test_two_ranks_sample_what_one_rank_samples(trained, tmp_path) -> None:
     require("matplotlib")
     args = {"checkpoints": str(trained.checkpoint), "steps": "1,2", "num_samples": 4, "batch_size": 2,
             "scorer": "none", "mauve": "false", "progress": "false"}
-    load_cli().main(**args, out=str(tmp_path / "one"))
+    evaluate(**args, out=str(tmp_path / "one"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "run/eval.py"), *[f"--{k}={v}" for k, v in args.items()], f"--out={tmp_path / 'two'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from flm import flow_map as fm
+from flm.methods.fmlm import init_student
 from flm.config import ModelConfig
 from flm.flow import Tau, get_tau, interpolate, velocity
 from flm.model import DiT
@@ -210,7 +213,7 @@ def test_init_student_zeroes_new_paths_and_reproduces_the_teacher():
     x, (s, t) = torch.randn(B, L, V), times()
     G_s, G_t = tau(s.double()), tau(t.double())
     g = tiny_dit(True, 1)
-    fm.init_student_from_teacher(g, teacher.state_dict(), zero_output=True)
+    init_student(g, teacher, zero_output=True)
     for layer in (g.time_emb2.mlp[-1], g.final.linear):
         assert all(torch.count_nonzero(p) == 0 for p in layer.parameters())
     for name, p in teacher.state_dict().items():
@@ -222,17 +225,21 @@ def test_init_student_zeroes_new_paths_and_reproduces_the_teacher():
         assert torch.count_nonzero(g_out) == 0
 
     h = tiny_dit(True, 2)
-    fm.init_student_from_teacher(h, teacher.state_dict(), zero_output=False)
+    init_student(h, teacher, zero_output=False)
     with torch.no_grad():
         torch.testing.assert_close(h(x, s, t), teacher(x, s), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="mismatch"):
-        fm.init_student_from_teacher(h, {k: v for k, v in teacher.state_dict().items() if "blocks" not in k}, True)
+    shallow = DiT(dataclasses.replace(teacher.cfg, n_layers=teacher.cfg.n_layers - 1))
+    with pytest.raises(ValueError, match="no counterpart in the teacher"):
+        init_student(h, shallow, True)
+    deep = DiT(dataclasses.replace(teacher.cfg, n_layers=teacher.cfg.n_layers + 1))
+    with pytest.raises(ValueError, match="no counterpart in the student"):
+        init_student(h, deep, True)
 
 
 def test_samplers_count_evaluations_and_match_the_teacher_euler_sampler_at_init():
     tau, teacher = get_tau(V), tiny_dit(False, 0)
     g = tiny_dit(True, 1)
-    fm.init_student_from_teacher(g, teacher.state_dict(), zero_output=True)  # g = 0: the Euler sampler
+    init_student(g, teacher, zero_output=True)  # g = 0: the Euler sampler
     steps = 4
     got, nfe = fm.sample_stage1(teacher, g, tau, (B, L, V), steps, torch.Generator().manual_seed(9))
     assert nfe == 2 * steps and got.shape == (B, L) and got.dtype == torch.long
@@ -314,10 +321,10 @@ def correlated_modes_figures(seed: int, n_samples: int = 4000) -> dict[str, floa
         return student.eval().requires_grad_(False)
 
     g = DiT(student_cfg)
-    fm.init_student_from_teacher(g, teacher.state_dict(), zero_output=True)
+    init_student(g, teacher, zero_output=True)
     g = distil(g, lambda m, x1, s, t, w: fm.fmlm_stage1_loss(m, teacher, x1, s, t, tau, gen, w), 400, 3e-3, 8)
     h = DiT(student_cfg)
-    fm.init_student_from_teacher(h, teacher.state_dict(), zero_output=False)
+    init_student(h, teacher, zero_output=False)
     h = distil(h, lambda m, x1, s, t, w: fm.fmlm_stage2_loss(m, teacher, g, x1, s, t, tau, gen, w), 500, 1e-3, 2)
 
     shape = (n_samples, L_, V_)

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from flm.flow import Tau, get_tau
-from flm.sampling import euler_sample
+from flm.methods.flm import euler_sample
 
 
 class _Fixed(nn.Module):

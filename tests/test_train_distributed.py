@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from _synthetic import REPO, TINY, subprocess_env, losses, torchrun
-from flm import checkpoint as ckpt
+from flm import loading
 
 def final_weights(out_dir: Path, step: int) -> dict[str, torch.Tensor]:
     path = out_dir / "checkpoints" / f"step_{step:08d}"
-    names = [k[len("model."):] for k in ckpt.read_keys(path) if k.startswith("model.")]
-    return ckpt.load_weights(path, names, which="model")
+    names = [k[len("model."):] for k in loading.read_keys(path) if k.startswith("model.")]
+    return loading.load_weights(path, names, which="model")
 
 
 def test_exact_resume_and_world_size_change(tmp_path, dataset):

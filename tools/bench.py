@@ -149,7 +149,8 @@ def _teacher_step_worker(low_rank: bool, vocab_size: int, seq_len: int, batch: i
     from flm.config import ModelConfig
     from flm.flow import get_tau
     from flm.model import DiT
-    from flm.objectives import example_generators, flm_loss
+    from flm.methods.flm import flm_loss
+    from flm.rng import example_generators
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab_size, seq_len=seq_len, dim=dim, n_layers=layers, n_heads=max(1, dim // 64),

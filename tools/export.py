@@ -9,7 +9,7 @@ The file holds the run config and full tensors; ``.pt`` files load with
 
 import fire
 
-from flm.checkpoint import export
+from flm.loading import export
 
 
 def main(checkpoint: str, out: str, which: str = "ema") -> None:

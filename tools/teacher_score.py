@@ -46,7 +46,7 @@ def main(teacher: str, samples: str | tuple, times: str | tuple = "0.8,0.9", dra
     sampler = load_sampler(teacher)
     if sampler.kind != "flm":
         raise SystemExit(f"{teacher} is a {sampler.kind} checkpoint; the proxy needs the FLM teacher")
-    model, tau, L = sampler.nets["model"], sampler.tau, sampler.seq_len
+    model, tau, L = sampler.model, sampler.method.tau, sampler.seq_len
     ts = [float(x) for x in (times.split(",") if isinstance(times, str) else times)]
     groups: dict[str, torch.Tensor] = {}
     for path in (samples.split(",") if isinstance(samples, str) else samples):

@@ -22,19 +22,20 @@ log = logging.getLogger("flm")
 _BACKENDS: dict[str, str] = {}
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, causal: bool = False) -> torch.Tensor:
     """torch SDPA expects (B, H, L, Dh): transpose in and out."""
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, is_causal=causal
     )
     return out.transpose(1, 2)
 
 
-def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, causal: bool = False
+              ) -> torch.Tensor:
     """xformers' native layout is (B, L, H, Dh) ("BMHK"); default scale 1/sqrt(Dh)."""
-    from xformers.ops import memory_efficient_attention
+    from xformers.ops import LowerTriangularMask, memory_efficient_attention
 
-    return memory_efficient_attention(q, k, v, p=dropout_p)
+    return memory_efficient_attention(q, k, v, p=dropout_p, attn_bias=LowerTriangularMask() if causal else None)
 
 
 def _xformers_kernels_load() -> bool:
@@ -64,9 +65,11 @@ def attention_backend(device: torch.device | str) -> str:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, *, causal: bool = False
 ) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(Dh)) V over (B, L, H, Dh) tensors; returns (B, L, H, Dh)."""
+    """softmax(Q K^T / sqrt(Dh)) V over (B, L, H, Dh) tensors; returns (B, L, H, Dh).
+
+    ``causal``: position i attends to positions j <= i (queries and keys of equal length)."""
     if attention_backend(q.device) == "xformers":
-        return _xformers(q, k, v, dropout_p)
-    return _sdpa(q, k, v, dropout_p)
+        return _xformers(q, k, v, dropout_p, causal)
+    return _sdpa(q, k, v, dropout_p, causal)

@@ -80,6 +80,35 @@ class TimeEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+class KVCache:
+    """Keys and values of every layer for left-to-right decoding (the AR baseline).
+
+    Buffers of ``max_len`` positions are allocated at the first call of each layer;
+    ``append`` writes the new positions and returns the keys and values so far.
+    A prefix of several tokens can only be fed first (causal attention of equal-length
+    queries and keys); later calls feed one token each.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len, self.length = max_len, 0
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[1]
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions is full ({self.length} + {n})")
+        if n > 1 and self.length > 0:
+            raise ValueError("after the first call, feed one token at a time")
+        if layer not in self.keys:
+            self.keys[layer] = k.new_empty(k.shape[0], self.max_len, *k.shape[2:])
+            self.values[layer] = v.new_empty(v.shape[0], self.max_len, *v.shape[2:])
+        end = self.length + n
+        self.keys[layer][:, self.length:end] = k
+        self.values[layer][:, self.length:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+
 class DiTBlock(nn.Module):
     """One adaLN transformer block: ``forward(h (B, L, d), c (B, cond_dim), rope (L, Dh/2, 2))``."""
 
@@ -89,6 +118,7 @@ class DiTBlock(nn.Module):
             raise ValueError(f"dim {cfg.dim} must split into {cfg.n_heads} heads of even width")
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
+        self.causal = cfg.causal
         hidden = int(cfg.mlp_ratio * cfg.dim)
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * cfg.dim)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
@@ -98,12 +128,18 @@ class DiTBlock(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, rope: torch.Tensor,
+                cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
+        """``cache`` = (KVCache, layer index): h holds only the new positions, whose
+        ``rope`` rows are passed; keys and values of earlier positions come from the cache."""
         batch, seq_len, dim = h.shape
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN(c)[:, None, :].chunk(6, dim=-1)
         x = _modulate(_layer_norm(h), shift_a, scale_a)
         q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).unbind(2)
-        a = attention(_apply_rotary(q, rope), _apply_rotary(k, rope), v)
+        q, k = _apply_rotary(q, rope), _apply_rotary(k, rope)
+        if cache is not None:
+            k, v = cache[0].append(cache[1], k, v)
+        a = attention(q, k, v, causal=self.causal and seq_len > 1)
         h = h + gate_a * self.dropout(self.proj(a.reshape(batch, seq_len, dim)))
         x = _modulate(_layer_norm(h), shift_m, scale_m)
         return h + gate_m * self.dropout(self.mlp(x))
@@ -128,7 +164,7 @@ class DiT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_emb = nn.Embedding(cfg.vocab_size + cfg.extra_input_ids, cfg.dim)
         self.time_emb = TimeEmbedding(cfg.cond_dim)
         self.time_emb2 = TimeEmbedding(cfg.cond_dim) if cfg.two_times else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
@@ -171,6 +207,7 @@ class DiT(nn.Module):
         g: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits D(x, t) (or g(x, s=t, t=t2) for a two-time model), shape (B, L, V).
 
@@ -181,24 +218,29 @@ class DiT(nn.Module):
         standard normal ``noise`` (B, L, d) or noise drawn from ``generator``; it runs
         here so that W_in is read inside this module's forward
         (unsharded under FSDP2). t, t2: (B,) in [0, 1].
+        ``cache`` (causal models, ids only): x holds the positions after those already
+        cached (see :class:`KVCache`); the cache advances by x's length.
         """
         w_in = self.tok_emb.weight
         if g is not None:
             h = embed_noisy_tokens(w_in, x, g, generator, z=noise)
         elif x.is_floating_point():
-            h = x.to(w_in.dtype) @ w_in
+            h = x.to(w_in.dtype) @ w_in[: x.shape[-1]]
         else:
             h = self.tok_emb(x)
-        return self.forward_embedded(h, t, t2)
+        return self.forward_embedded(h, t, t2, cache=cache)
 
     def forward_embedded(
-        self, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None
+        self, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         """Logits from an already embedded input h = x @ W_in of shape (B, L, d)."""
         c = self.condition(t, t2)
-        rope = rotary(h.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.device)
-        for block in self.blocks:
-            h = block(h, c, rope)
+        start = 0 if cache is None else cache.length
+        rope = rotary(start + h.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.device)[start:]
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, rope) if cache is None else block(h, c, rope, (cache, i))
+        if cache is not None:
+            cache.length += h.shape[1]
         return self.final(h, c)
 
     def num_params(self, exclude_embedding: bool = False) -> int:

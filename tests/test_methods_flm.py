@@ -3,7 +3,9 @@ import torch
 from flm.config import ModelConfig
 from flm.flow import Tau, get_tau
 from flm.model import DiT
-from flm.objectives import example_generators, example_normal, flm_loss, loss_by_bucket, stratified_times
+from flm.methods.base import loss_by_bucket, stratified_times
+from flm.methods.flm import flm_loss
+from flm.rng import example_generators, example_normal
 
 
 def test_stratified_times_cover_the_global_batch_and_split_over_ranks():
