@@ -249,25 +249,33 @@ CleanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torc
 
 
 def _few_step(clean: CleanFn, tau: TimeMap, shape: tuple[int, int, int], steps: int,
-              generator: torch.Generator) -> torch.Tensor:
-    """x <- eps; x <- X_{t_i, t_{i+1}}(x) on t_i = i/N; argmax of c_{t_{N-1}, 1} at the end."""
+              generator: torch.Generator, fixed=None) -> torch.Tensor:
+    """x <- eps; x <- X_{t_i, t_{i+1}}(x) on t_i = i/N; argmax of c_{t_{N-1}, 1} at the end.
+
+    ``fixed`` (a :class:`flm.methods.base.Fixed`) sets the known positions of x to their
+    clean path (1 - G_{t_i}) eps + G_{t_i} e(x) before each step and returns them unchanged.
+    At one step the map starts from G_0 = 0, where that path is pure noise: the free
+    positions of a one-step sample do not depend on the fixed tokens at all."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     x = torch.randn(shape, generator=generator, device=generator.device)
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=x.device)
     G = _G(tau, grid)
+    eps = x
     for i in range(steps):
         a, b = (grid[j].float().expand(shape[0]) for j in (i, i + 1))
         G_a, G_b = G[i].expand(shape[0]), G[i + 1].expand(shape[0])
+        if fixed is not None:
+            x = fixed.hold(x, eps, G[i].float())
         c = clean(x, a, b, G_a, G_b)
         if i < steps - 1:
             x = flow_step(x, c, G_a, G_b)
-    return c.argmax(-1)
+    return c.argmax(-1) if fixed is None else fixed.apply(c.argmax(-1))
 
 
 @torch.no_grad()
 def sample_stage1(teacher: Model, g_net: Model, tau: TimeMap, shape: tuple[int, int, int], steps: int,
-                  generator: torch.Generator) -> tuple[torch.Tensor, int]:
+                  generator: torch.Generator, fixed=None) -> tuple[torch.Tensor, int]:
     """Few-step sampling with the stage-1 map (teacher + residual g: two networks per step).
 
     ``shape`` = (B, L, V); eps is drawn on the generator's device (the models' device).
@@ -276,12 +284,12 @@ def sample_stage1(teacher: Model, g_net: Model, tau: TimeMap, shape: tuple[int, 
     """
     def clean(x, a, b, G_a, G_b):
         return stage1_clean(teacher(x, a), g_net(x, a, b), G_a, G_b)
-    return _few_step(clean, tau, shape, steps, generator), 2 * steps
+    return _few_step(clean, tau, shape, steps, generator, fixed), 2 * steps
 
 
 @torch.no_grad()
 def sample_fmlm(h_net: Model, tau: TimeMap, shape: tuple[int, int, int], steps: int,
-                generator: torch.Generator) -> tuple[torch.Tensor, int]:
+                generator: torch.Generator, fixed=None) -> tuple[torch.Tensor, int]:
     """Few-step FMLM sampling, x <- X^h_{t_i, t_{i+1}}(x): one forward per step.
 
     ``shape`` = (B, L, V); eps is drawn on the generator's device (the model's device).
@@ -289,4 +297,4 @@ def sample_fmlm(h_net: Model, tau: TimeMap, shape: tuple[int, int, int], steps: 
     """
     def clean(x, a, b, G_a, G_b):
         return _probs(h_net(x, a, b))
-    return _few_step(clean, tau, shape, steps, generator), steps
+    return _few_step(clean, tau, shape, steps, generator, fixed), steps

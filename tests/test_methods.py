@@ -85,7 +85,7 @@ def test_subs_never_predicts_the_mask_and_carries_unmasked_tokens():
     kept = logp[~masked]
     assert torch.equal(kept.exp(), torch.nn.functional.one_hot(z[~masked], V).float())
 
-    # Unmasked positions contribute nothing to the loss, and get no gradient.
+    # Unmasked positions contribute nothing to the loss.
     model = DiT(ModelConfig(vocab_size=V, seq_len=5, dim=16, n_layers=1, n_heads=2, cond_dim=8, extra_input_ids=1))
     ids = torch.randint(0, V, (4, 5), generator=torch.Generator().manual_seed(0))
     t = torch.ones(4)  # nothing masked
@@ -204,12 +204,12 @@ def test_ar_attention_is_causal_and_the_loss_is_next_token_cross_entropy():
 
 def test_kv_cache_sampling_gives_the_same_tokens_as_recomputing_the_prefix():
     model = _ar_model(1)
-    cached = ar_sample(model, 4, 10, V, torch.Generator().manual_seed(3))
-    full = ar_sample(model, 4, 10, V, torch.Generator().manual_seed(3), use_cache=False)
-    assert cached.shape == (4, 10) and torch.equal(cached, full)
-    nucleus = ar_sample(model, 4, 10, V, torch.Generator().manual_seed(3), top_p=0.5)
+    cached, nfe = ar_sample(model, 4, 10, V, torch.Generator().manual_seed(3))
+    full, _ = ar_sample(model, 4, 10, V, torch.Generator().manual_seed(3), use_cache=False)
+    assert cached.shape == (4, 10) and torch.equal(cached, full) and nfe == 10
+    nucleus, _ = ar_sample(model, 4, 10, V, torch.Generator().manual_seed(3), top_p=0.5)
     assert torch.equal(nucleus, ar_sample(model, 4, 10, V, torch.Generator().manual_seed(3), top_p=0.5,
-                                          use_cache=False))
+                                          use_cache=False)[0])
 
 
 def test_top_p_keeps_the_smallest_nucleus():

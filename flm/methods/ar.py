@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flm.config import Config
-from flm.methods.base import Batch, LossOutput
+from flm.methods.base import Batch, Fixed, LossOutput
 from flm.model.dit import KVCache
 
 
@@ -51,23 +51,44 @@ def next_token(logits: torch.Tensor, generator: torch.Generator, temperature: fl
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def prompt_length(fixed: Fixed | None, seq_len: int) -> int:
+    """The length k of the prefix that ``fixed`` gives (AR conditions on a prompt prefix only)."""
+    if fixed is None:
+        return 0
+    k = int(fixed.known[0].sum())
+    prefix = torch.arange(seq_len, device=fixed.known.device) < k
+    if not bool((fixed.known == prefix).all()):
+        raise ValueError("ar sampling conditions on a prompt prefix only (the same length for every sample); "
+                         "suffixes and infilling need a diffusion or flow model")
+    return k
+
+
 @torch.no_grad()
 def ar_sample(model: nn.Module, num: int, seq_len: int, start_id: int, generator: torch.Generator,
-              temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True) -> torch.Tensor:
-    """Left-to-right sampling of ``num`` sequences of ``seq_len`` tokens from the start id.
+              temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
+              fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
+    """Left-to-right sampling of ``num`` sequences of ``seq_len`` tokens from the start id,
+    continuing the prompt prefix of ``fixed`` if given; returns ids and network evaluations.
 
-    With ``use_cache`` each step feeds only the newest token and attends to the cached
-    keys and values; without it each step re-runs the whole prefix (same tokens for the
-    same generator, L times the work)."""
+    With ``use_cache`` the first call reads the start id and the prompt, and each later
+    call feeds only the newest token and attends to the cached keys and values; without
+    it each step re-runs the whole prefix (same tokens for the same generator, L times
+    the work)."""
     device = generator.device
+    k = prompt_length(fixed, seq_len)
     t = torch.zeros(num, device=device)
     seq = torch.full((num, 1), start_id, dtype=torch.long, device=device)
+    if k:
+        seq = torch.cat([seq, fixed.ids[:, :k].to(device)], dim=1)
     cache = KVCache(seq_len) if use_cache else None
-    for _ in range(seq_len):
-        inp = seq[:, -1:] if use_cache else seq
+    calls, fed = 0, 0
+    while seq.shape[1] <= seq_len:
+        inp = seq[:, fed:] if use_cache else seq
+        fed = seq.shape[1]
         logits = model(inp, t, cache=cache)[:, -1]
+        calls += 1
         seq = torch.cat([seq, next_token(logits, generator, temperature, top_p)], dim=1)
-    return seq[:, 1:]
+    return seq[:, 1:], calls
 
 
 class AR:
@@ -108,10 +129,10 @@ class AR:
         position = (torch.arange(length, device=per_token.device) / length).expand_as(per_token)
         return LossOutput(loss_sum, loss_sum, per_token, position)
 
-    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator
-               ) -> tuple[torch.Tensor, int]:
-        ids = ar_sample(model, num, self.seq_len, self.start_id, generator, self.temperature, self.top_p)
-        return ids, self.seq_len
+    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator,
+               fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
+        return ar_sample(model, num, self.seq_len, self.start_id, generator, self.temperature, self.top_p,
+                         fixed=fixed)
 
     def scalars(self, device: torch.device) -> dict[str, float]:
         return {}

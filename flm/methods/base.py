@@ -61,6 +61,29 @@ class LossOutput(NamedTuple):
     bucket: torch.Tensor  # same shape, in [0, 1]: what the loss curve is bucketed by (t, t - s, l / L)
 
 
+class Fixed(NamedTuple):
+    """Tokens held fixed while sampling (prompts, suffixes, infilling).
+
+    ``known[b, l]`` marks position l of sample b as given, with token ``ids[b, l]``
+    (ids elsewhere are ignored). Every sampler returns them unchanged. How the
+    free positions see them depends on the method: the flows hold them on their
+    clean path x_g = (1 - g) eps + g e(x) at every step, MDLM never masks them,
+    AR takes a prefix as its prompt.
+    """
+
+    ids: torch.Tensor  # (B, L) long
+    known: torch.Tensor  # (B, L) bool
+
+    def apply(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (B, L) ids with the known positions set to their given tokens."""
+        return torch.where(self.known, self.ids, out)
+
+    def hold(self, x: torch.Tensor, eps: torch.Tensor, g: torch.Tensor | float) -> torch.Tensor:
+        """A dense state (B, L, V) whose known positions are the interpolant (1 - g) eps + g e(x)."""
+        clean = torch.nn.functional.one_hot(self.ids, x.shape[-1]).to(x.dtype)
+        return torch.where(self.known[..., None], (1 - g) * eps + g * clean, x)
+
+
 class Method(Protocol):
     """Members every method has (a structural type: methods do not inherit from it)."""
 
@@ -87,9 +110,10 @@ class Method(Protocol):
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         """The step's loss on one micro-batch."""
 
-    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator
-               ) -> tuple[torch.Tensor, int]:
-        """``num`` sequences (num, L) of token ids in ``steps`` steps, and the network evaluations used."""
+    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator,
+               fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
+        """``num`` sequences (num, L) of token ids in ``steps`` steps, and the network evaluations
+        used; ``fixed`` holds given tokens (ValueError if the method cannot condition that way)."""
 
     def scalars(self, device: torch.device) -> dict[str, float]:
         """Extra curves for TensorBoard at each log step (e.g. the loss weighting); may be empty."""

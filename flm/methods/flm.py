@@ -17,7 +17,7 @@ from torch import nn
 
 from flm.config import Config, FlowConfig, from_dict
 from flm.flow import Tau, get_tau, interpolate
-from flm.methods.base import Batch, LossOutput, no_options, stratified_times
+from flm.methods.base import Batch, Fixed, LossOutput, no_options, stratified_times
 from flm.rng import example_normal
 
 
@@ -54,23 +54,29 @@ def flm_loss(model: nn.Module, ids: torch.Tensor, t: torch.Tensor, tau: Tau,
 
 @torch.no_grad()
 def euler_sample(model: nn.Module, tau: Tau, batch: int, seq_len: int, vocab_size: int,
-                 steps: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+                 steps: int, generator: torch.Generator, device: torch.device, fixed: Fixed | None = None
+                 ) -> torch.Tensor:
     """Integrate the FLM ODE from noise (t = 0) to data (t = 1) on t_i = i / N.
 
     x <- eps; for i < N - 1: p = softmax(D(x, t_i)),
     x <- x + (tau(t_{i+1}) - tau(t_i)) (p - x) / (1 - tau(t_i));
     at the last step return argmax p. Returns token ids (batch, seq_len).
+    With ``fixed``, the known positions are set to their clean path
+    (1 - g_i) eps + g_i e(x) before every network call and returned unchanged.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     x = torch.randn(batch, seq_len, vocab_size, generator=generator, device=device)
+    eps = x
     grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=device)
     g_grid = tau(grid).double()
     for i in range(steps):
         t = grid[i].float().expand(batch)
+        if fixed is not None:
+            x = fixed.hold(x, eps, g_grid[i].float())
         p = torch.softmax(model(x, t).float(), dim=-1)
         if i == steps - 1:
-            return p.argmax(-1)
+            return p.argmax(-1) if fixed is None else fixed.apply(p.argmax(-1))
         g, g_next = g_grid[i], g_grid[i + 1]
         x = x + ((g_next - g) / (1 - g)).float() * (p - x)
     raise AssertionError("unreachable")
@@ -111,9 +117,10 @@ class FLM:
         loss_sum, per_example = flm_loss(model, batch.ids, t, self.tau, batch.gens, self.flow.low_rank_noise)
         return LossOutput(loss_sum, loss_sum, per_example, t)
 
-    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator
-               ) -> tuple[torch.Tensor, int]:
-        ids = euler_sample(model, self.tau, num, self.seq_len, self.vocab_size, steps, generator, generator.device)
+    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator,
+               fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
+        ids = euler_sample(model, self.tau, num, self.seq_len, self.vocab_size, steps, generator, generator.device,
+                           fixed)
         return ids, steps
 
     def scalars(self, device: torch.device) -> dict[str, float]:

@@ -28,7 +28,7 @@ from flm.distributed import clean_fqn, local_tensor, mixed_precision
 from flm.flow_map import (LossWeighting, fmlm_stage1_loss, fmlm_stage2_loss, sample_fmlm, sample_intervals,
                           sample_stage1)
 from flm.loading import fingerprint, load_frozen, model_config_of, read_config
-from flm.methods.base import Batch, LossOutput, no_options
+from flm.methods.base import Batch, Fixed, LossOutput, no_options
 from flm.methods.flm import time_map
 
 log = logging.getLogger("flm")
@@ -168,10 +168,10 @@ class FMLMStage1(_FlowMap):
         return cls(from_dict(FlowConfig, config.get("flow", {})), int(config["model"]["seq_len"]),
                    int(config["model"]["vocab_size"]), net, None, None, 0, {})
 
-    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator
-               ) -> tuple[torch.Tensor, int]:
+    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator,
+               fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
         shape = (num, self.seq_len, self.vocab_size)
-        return sample_stage1(self.teacher, _two_time(model), self.tau, shape, steps, generator)
+        return sample_stage1(self.teacher, _two_time(model), self.tau, shape, steps, generator, fixed)
 
 
 class FMLMStage2(_FlowMap):
@@ -188,7 +188,7 @@ class FMLMStage2(_FlowMap):
         return cls(from_dict(FlowConfig, config.get("flow", {})), int(config["model"]["seq_len"]),
                    int(config["model"]["vocab_size"]), None, None, None, 0, {})
 
-    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator
-               ) -> tuple[torch.Tensor, int]:
+    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator,
+               fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
         shape = (num, self.seq_len, self.vocab_size)
-        return sample_fmlm(_two_time(model), self.tau, shape, steps, generator)
+        return sample_fmlm(_two_time(model), self.tau, shape, steps, generator, fixed)

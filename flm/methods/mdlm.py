@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from flm.config import Config
-from flm.methods.base import Batch, LossOutput, no_options, stratified_times
+from flm.methods.base import Batch, Fixed, LossOutput, no_options, stratified_times
 from flm.rng import example_uniform
 
 EPS = 1e-3  # training times t in [0, 1 - EPS]
@@ -68,12 +68,15 @@ def mdlm_loss(model: nn.Module, ids: torch.Tensor, t: torch.Tensor, gens: list[t
 
 @torch.no_grad()
 def mdlm_sample(model: nn.Module, num: int, seq_len: int, mask_id: int, steps: int,
-                generator: torch.Generator) -> torch.Tensor:
-    """Ancestral sampling in ``steps`` steps from all-masks (see the module docstring); ids (num, L)."""
+                generator: torch.Generator, fixed: Fixed | None = None) -> torch.Tensor:
+    """Ancestral sampling in ``steps`` steps from all-masks (see the module docstring); ids (num, L).
+    ``fixed`` positions start unmasked, so SUBS carries them to the end."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = generator.device
     z = torch.full((num, seq_len), mask_id, dtype=torch.long, device=device)
+    if fixed is not None:
+        z = fixed.apply(z)
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     for i in range(steps):
         t = grid[i].item()
@@ -119,9 +122,9 @@ class MDLM:
         loss_sum, per_example = mdlm_loss(model, batch.ids, t, batch.gens, self.mask_id)
         return LossOutput(loss_sum, loss_sum, per_example, t)
 
-    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator
-               ) -> tuple[torch.Tensor, int]:
-        return mdlm_sample(model, num, self.seq_len, self.mask_id, steps, generator), steps
+    def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator,
+               fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
+        return mdlm_sample(model, num, self.seq_len, self.mask_id, steps, generator, fixed), steps
 
     def scalars(self, device: torch.device) -> dict[str, float]:
         return {}
