@@ -42,6 +42,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # A second time embedding emb'(t) for flow-map students g(x, s, t), h(x, s, t).
     two_times: bool = False
+    # Attention logit soft-capping c tanh(z / c) (the authors' DiT: 50); 0 = off.
+    attn_softcap: float = 0.0
+    # t in [0, 1] is multiplied by this before the sinusoidal time features. The authors
+    # feed raw t (1.0, set in the paper configs); the default 1000 is this project's
+    # original choice, kept so that checkpoints whose config predates the field (and
+    # therefore lacks it) load with the behaviour they were trained with.
+    time_scale: float = 1000.0
 
 
 @dataclass
