@@ -102,8 +102,8 @@ class Distiller:
             stage1 = load_frozen(d.stage1, mesh, precision, device)
             provenance["stage1"] = {"path": str(d.stage1), "fingerprint": ckpt.fingerprint(d.stage1)}
         weighting = None
-        if d.learn_weighting:
-            weighting = LossWeighting().to(device)
+        if d.weighting != "none":
+            weighting = LossWeighting(d.weighting).to(device)
             fully_shard(weighting, mesh=mesh, mp_policy=mixed_precision("fp32"))
         log.info("distillation stage %s from %s", cfg.objective[-1], provenance)
         return cls(cfg, teacher, stage1, weighting, provenance)
