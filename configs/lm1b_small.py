@@ -2,7 +2,10 @@
 
 V = 30522 (the size of BERT's uncased vocabulary; with no hub access we train a
 sentencepiece model of that size: `tools/pretokenize.py --vocab_size 30522`),
-L = 128, global batch 512, otherwise as configs/owt_small.py.
+L = 128, global batch 512, otherwise as configs/owt_small.py: the released model
+(their configs/model/small.yaml, models/dit.py) with dropout 0.1 on the residual
+branches, attention logits soft-capped at 50 and raw t into the time embedding
+(model.time_scale=1). See docs/fidelity.md for every difference to the release.
 
     torchrun --nproc_per_node 8 run/train.py --config configs/lm1b_small.py
 """
@@ -20,7 +23,8 @@ config = Config(
     sample_every=10000,
     sample_steps=[8, 64, 1024],
     ckpt_every=5000,
-    model=ModelConfig(vocab_size=30522, seq_len=128, dim=768, n_layers=12, n_heads=12, cond_dim=128),
+    model=ModelConfig(vocab_size=30522, seq_len=128, dim=768, n_layers=12, n_heads=12, cond_dim=128,
+                      dropout=0.1, attn_softcap=50.0, time_scale=1.0),
     data=DataConfig(path="data/lm1b/tokens", num_workers=4),
     optim=OptimConfig(lr=3e-4, warmup_steps=2500, schedule="constant", grad_clip=1.0, ema_decay=0.9999),
     dist=DistConfig(activation_checkpointing="off", mixed_precision="bf16"),

@@ -5,6 +5,9 @@
         run/train.py --config configs/owt_large.py
 
 DiT: 24 blocks, hidden 2048, 16 heads, time-conditioning 256; V = 50257, L = 1024.
+Not a paper model; it keeps the released DiT's choices (dropout 0.1 as in every
+released model size, attention logits soft-capped at 50, raw t into the time
+embedding: model.time_scale=1).
 Parameters: 1.491B (1.284B in blocks, 53.5M per block; 103M each for W_in and the
 output layer). Training FLOPs: 8.47 GFLOP per token (6N + attention).
 
@@ -41,7 +44,8 @@ config = Config(
     sample_steps=[8, 64, 1024],
     ckpt_every=2500,
     keep_checkpoints=3,
-    model=ModelConfig(vocab_size=50257, seq_len=1024, dim=2048, n_layers=24, n_heads=16, cond_dim=256),
+    model=ModelConfig(vocab_size=50257, seq_len=1024, dim=2048, n_layers=24, n_heads=16, cond_dim=256,
+                      dropout=0.1, attn_softcap=50.0, time_scale=1.0),
     data=DataConfig(path="data/owt/tokens", num_workers=4),
     optim=OptimConfig(lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=2500,
                       schedule="constant", grad_clip=1.0, ema_decay=0.9999),

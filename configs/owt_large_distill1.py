@@ -1,8 +1,11 @@
 """FMLM distillation stage 1 of the large OWT teacher (configs/owt_large.py) on 4 x 8 GPUs.
 
-As configs/owt_small_distill1.py; the backbone (24 x 2048) comes from the
-teacher checkpoint, HSDP across nodes and full activation checkpointing (the
-step runs 2 teacher and 2 student forwards beside the student's backward).
+As configs/owt_small_distill1.py (the released stage-1 settings: batch 128, lr 3e-4,
+2500 warmup steps, up to 1M steps, boundary 1/64, weighting of s only, dropout 0.1);
+the backbone (24 x 2048) comes from the teacher checkpoint, HSDP across nodes and
+full activation checkpointing (the step runs 2 teacher and 2 student forwards beside
+the student's backward). The released code has no model of this size; its settings
+are carried over unchanged.
 
     torchrun --nnodes 4 --nproc_per_node 8 ... run/train.py --config configs/owt_large_distill1.py
 """

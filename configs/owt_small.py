@@ -3,7 +3,10 @@
 12 blocks, hidden 768, 12 heads, time-conditioning 128; V = 50257 (a GPT-2-sized
 vocabulary: pretokenize with --vocab_size 50257), L = 1024, global batch 512,
 AdamW (0.9, 0.999) lr 3e-4, no weight decay, constant after 2500 warmup steps,
-clip 1.0, EMA 0.9999, bf16. 1M steps on 8 x H100:
+clip 1.0, EMA 0.9999, bf16. As released (their configs/model/small.yaml and
+models/dit.py): dropout 0.1 on the residual branches, attention logits soft-capped at
+50, raw t into the sinusoidal time embedding (model.time_scale=1). 1M steps on 8 x H100
+(method.md; the released script allows up to 1.5M):
 
     torchrun --nproc_per_node 8 run/train.py --config configs/owt_small.py
 
@@ -26,7 +29,7 @@ config = Config(
     ckpt_every=5000,
     keep_checkpoints=3,
     model=ModelConfig(vocab_size=50257, seq_len=1024, dim=768, n_layers=12, n_heads=12, cond_dim=128,
-                      dropout=0.0),
+                      dropout=0.1, attn_softcap=50.0, time_scale=1.0),
     data=DataConfig(path="data/owt/tokens", num_workers=4),
     optim=OptimConfig(lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=2500,
                       schedule="constant", grad_clip=1.0, ema_decay=0.9999),

@@ -1,7 +1,10 @@
 """The README's CPU default: a tiny FLM on the embedded Shakespeare corpus.
 
 Trains in a few minutes on 2 CPU cores and visibly learns (validation loss
-falls well below its starting value of log V):
+falls well below its starting value of log V). The backbone keeps this project's
+original defaults (t scaled by 1000 in the time embedding, no attention soft-cap, no
+dropout), with which the README's tiny figures were made; the paper configs
+(lm1b_small.py, owt_small.py) use the released ones (docs/fidelity.md):
 
     python run/train.py --config configs/tiny.py
 """

@@ -5,6 +5,12 @@
 The student (teacher backbone + second time embedding, output layer zeroed)
 learns the residual g(x, s, t) of X_{s,t} = x + Delta v(x, s) + 0.5 Delta^2 g
 against the frozen teacher's two-half-step target (method.md section 2).
+
+Loss weighting w(s, t) (distill.weighting="st", here and in tiny_distill2.py), not the
+released w(s) / none of the paper configs: the README's tiny evaluation table and
+figures were made with it (it was the only weighting then), and keeping it keeps them
+reproducible. Switch with --distill.weighting=s (stage 1) / none (stage 2) for the
+released choice.
 """
 
 from flm.config import Config, DataConfig, DistConfig, DistillConfig, ModelConfig, OptimConfig
@@ -25,6 +31,6 @@ config = Config(
     model=ModelConfig(vocab_size=1024, seq_len=64),  # the rest comes from the teacher
     data=DataConfig(path="data/shakespeare/tokens", num_workers=1),
     optim=OptimConfig(lr=1e-3, warmup_steps=10, schedule="constant", grad_clip=1.0, ema_decay=0.99),
-    distill=DistillConfig(teacher="runs/tiny/checkpoints/step_00000600", boundary_prob=64),
+    distill=DistillConfig(teacher="runs/tiny/checkpoints/step_00000600", boundary_prob=64, weighting="st"),
     dist=DistConfig(mixed_precision="fp32"),
 )

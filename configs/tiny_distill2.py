@@ -1,5 +1,7 @@
 """Stage 2: the one-network FMLM h(x, s, t), distilled from the tiny teacher and
 the stage-1 map of configs/tiny_distill1.py, sampled in 1 to a few steps.
+It keeps stage 1's learned w(s, t) (see tiny_distill1.py), which cancels the r^2
+emphasis on long jumps that the released stage 2 has (--distill.weighting=none).
 
     python run/train.py --config configs/tiny_distill2.py
 """

@@ -46,6 +46,13 @@ class ModelConfig:
     causal: bool = False
     # Input ids beyond the vocabulary (MDLM's mask, AR's start id = vocab_size); never predicted.
     extra_input_ids: int = 0
+    # Attention logit soft-capping c tanh(z / c) (the authors' DiT: 50); 0 = off.
+    attn_softcap: float = 0.0
+    # t in [0, 1] is multiplied by this before the sinusoidal time features. The authors
+    # feed raw t (1.0, set in the paper configs); the default 1000 is this project's
+    # original choice, kept so that checkpoints whose config predates the field (and
+    # therefore lacks it) load with the behaviour they were trained with.
+    time_scale: float = 1000.0
 
 
 @dataclass
@@ -86,7 +93,23 @@ class DistillConfig:
     teacher: str = ""  # FLM checkpoint (sharded dir or exported file); EMA weights are used
     stage1: str = ""  # stage-2 only: the frozen stage-1 residual flow map
     boundary_prob: int = 64  # force (s, t) = (0, 1) with probability 1/boundary_prob
-    learn_weighting: bool = True  # loss * exp(-w(s, t)) + w(s, t)
+    # Learnable loss weighting loss * exp(-w) + w: "st" w(s, t), "s" w(s) (the authors'
+    # stage 1), "none" (the authors' stage 2). Replaces the former ``learn_weighting``
+    # (True -> "st", False -> "none" when an old config is read, see ``upgrade``).
+    weighting: Literal["none", "s", "st"] = "st"
+    # Stage 1: the student's two no-grad target forwards run in the student's current
+    # mode (train: dropout active, as in the released code); False puts the student in
+    # eval mode for them (flm.flow_map.fmlm_stage1_loss).
+    target_dropout: bool = True
+
+    @staticmethod
+    def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+        """Map fields of older stored configs onto the current ones (``from_dict``)."""
+        data = dict(data)
+        legacy = data.pop("learn_weighting", None)
+        if legacy is not None and "weighting" not in data:
+            data["weighting"] = "st" if legacy else "none"
+        return data
 
 
 @dataclass
@@ -201,7 +224,14 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> An
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a nested dataclass from :meth:`Config.to_dict` output (checkpoints)."""
+    """Rebuild a nested dataclass from :meth:`Config.to_dict` output (checkpoints).
+
+    Fields missing from ``data`` take their dataclass defaults; a class with an
+    ``upgrade(data) -> data`` static method first maps renamed fields of older configs.
+    """
+    upgrade = getattr(cls, "upgrade", None)
+    if upgrade is not None:
+        data = upgrade(data)
     kwargs = {}
     for name, typ in _field_types(cls).items():
         if name not in data:

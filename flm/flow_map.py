@@ -25,6 +25,7 @@ their outputs are cast to float32 before any of the maths.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -116,32 +117,64 @@ def sample_intervals(batch_global: int, rank_slice: slice | torch.Tensor, genera
     return s[rank_slice].float(), t[rank_slice].float()
 
 
-class LossWeighting(nn.Module):
-    """Learnable per-interval weighting w(s, t): loss -> loss * exp(-w) + w.
+WEIGHTING_MODES = ("none", "s", "st")
 
-    w is a small MLP over Fourier features sin/cos(pi 2^k s), sin/cos(pi 2^k t),
-    k < n_freqs; its last layer is zero-initialised, so w = 0 (no reweighting) at start.
-    At the optimum exp(w(s, t)) tracks the expected loss at (s, t), which balances
-    intervals whose errors have very different scales.
+
+class LossWeighting(nn.Module):
+    """Learnable per-interval weighting w: loss -> loss * exp(-w) + w.
+
+    ``mode`` "st": w(s, t), a function of both ends of the interval; "s": w(s), a
+    function of the start only (t is ignored), as in the authors' released stage 1
+    (``LearnableLossWeighting(is_flow=True)`` in their models/dit.py, whose t embedder
+    is absent). "none" (``DistillConfig.weighting``) means no module at all.
+
+    w is a small MLP over Fourier features sin/cos(pi 2^k s) (and sin/cos(pi 2^k t) for
+    "st"), k < n_freqs; its last layer is zero-initialised, so w = 0 (no reweighting)
+    at start. At the optimum exp(w) tracks the expected loss at (s, t) (or at s,
+    averaged over t), which balances intervals whose errors have very different scales.
+    (The authors' module embeds raw s with their sinusoidal timestep embedder and a
+    GELU MLP instead: a different parametrisation of the same kind of function.)
     """
 
-    def __init__(self, n_freqs: int = 8, hidden: int = 128) -> None:
+    def __init__(self, mode: str = "st", n_freqs: int = 8, hidden: int = 128) -> None:
         super().__init__()
+        if mode not in ("s", "st"):
+            raise ValueError(f"LossWeighting mode {mode!r}: expected 's' or 'st' ('none' is no module)")
+        self.mode = mode
+        n_times = 2 if mode == "st" else 1
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freqs, dtype=torch.float32), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(4 * n_freqs, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(2 * n_times * n_freqs, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """w(s, t), shape (B,)."""
-        angles = torch.stack([s, t], dim=-1).float()[..., None] * self.freqs  # (B, 2, K)
+    def forward(self, s: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """w(s, t) ("st") or w(s) ("s", t ignored), shape (B,)."""
+        if self.mode == "st":
+            if t is None:
+                raise ValueError("LossWeighting('st') needs t")
+            times = torch.stack([s, t], dim=-1)
+        else:
+            times = s[:, None]
+        angles = times.float()[..., None] * self.freqs  # (B, 1 or 2, K)
         feats = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
         return self.mlp(feats).squeeze(-1)
 
     def weigh(self, loss: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """loss * exp(-w(s, t)) + w(s, t), per example."""
+        """loss * exp(-w) + w, per example."""
         w = self(s, t)
         return loss * torch.exp(-w) + w
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Every submodule in eval mode inside the block; each one's own mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _reduce(per_token: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
@@ -187,7 +220,7 @@ def _two_half_steps(student: Model, teacher: Model, x_s: torch.Tensor, p_s: torc
 
 def fmlm_stage1_loss(student: Model, teacher: Model, x1_ids: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
                      tau: TimeMap, generator: Generators, weighting: LossWeighting | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, Stats]:
+                     target_dropout: bool = True) -> tuple[torch.Tensor, torch.Tensor, Stats]:
     """Stage-1 residual flow-map loss (method.md section 2) for clean ids (B, L).
 
     x_s = interpolant at G_s (dense eps from ``generator``). Prediction
@@ -205,6 +238,21 @@ def fmlm_stage1_loss(student: Model, teacher: Model, x1_ids: torch.Tensor, s: to
     Calls: D(x_s, s) once (shared by prediction and target), D(y_u, u), g(x_s, s, u) and
     g(y_u, u, t) without grad, g(x_s, s, t) with grad.
 
+    Dropout in the target (``target_dropout``, ``DistillConfig.target_dropout``). The
+    teacher D is frozen and in eval mode: never any dropout. The student's two no-grad
+    target forwards g(x_s, s, u), g(y_u, u, t) run, with ``target_dropout=True`` (the
+    default), in whatever mode the student is in. The training loop calls
+    ``model.train()`` before every step, so with ``model.dropout > 0`` they are
+    dropout-perturbed like the prediction: this is what the released code does
+    (algo.py ``FLM_distill.loss`` calls the student backbone for the target inside
+    ``torch.no_grad()`` in train mode -- trainer_base ``_train_mode`` sets
+    ``backbone.train()``, Lightning >= 2.2 keeps submodule modes, ``model=small`` has
+    dropout 0.1 -- while its teacher is ``.eval()``), and we keep it for fidelity.
+    ``target_dropout=False`` puts the student (which must then be the ``nn.Module``
+    itself, not a wrapper function) into eval mode for the two target forwards only,
+    giving the deterministic target of the network the sampler uses. Validation runs
+    the model in eval mode, so there the target is dropout-free either way.
+
     Returns (sum over the B examples of the per-example (weighted) loss -- divide by the
     global number of examples --, per-example loss (B,), stats) where stats holds
     ``raw_loss_sum`` (the unweighted per-example losses summed, detached), ``n_examples``
@@ -215,7 +263,14 @@ def fmlm_stage1_loss(student: Model, teacher: Model, x1_ids: torch.Tensor, s: to
     x_s = _noisy_state(x1_ids, G_s, teacher, generator)
     with torch.no_grad():
         p_s = _probs(teacher(x_s, s))
-    target = _two_half_steps(student, teacher, x_s, p_s, s, t, tau)
+    if target_dropout:
+        target = _two_half_steps(student, teacher, x_s, p_s, s, t, tau)
+    else:
+        if not isinstance(student, nn.Module):
+            raise TypeError("target_dropout=False needs the student nn.Module (to switch it to eval mode), "
+                            f"got {type(student).__name__}")
+        with _eval_mode(student):
+            target = _two_half_steps(student, teacher, x_s, p_s, s, t, tau)
     pred = _residual_clean(p_s, student(x_s, s, t), G_s, G_t)
     return _reduce((target - pred).square().sum(-1), s, t, weighting)
 
@@ -230,9 +285,12 @@ def fmlm_stage2_loss(student_h: Model, teacher: Model, stage1_g: Model, x1_ids: 
     prediction X^h_{s,t}(x_s) = x_s + r (softmax(h(x_s, s, t)) - x_s). Loss per token
     sum_V (X - X^h)^2 = r^2 sum_V (c_{s,t} - softmax(h))^2 (computed this way: x_s
     cancels exactly), r = Delta / (1 - G_s). That is the squared error of the maps as
-    method.md states; it weighs short intervals by r^2 relative to comparing clean
-    predictions, a deterministic factor per (s, t) that the learnable weighting absorbs
-    (its optimum makes the weighted loss invariant to per-(s, t) scales).
+    method.md states. With ``weighting=None`` (``DistillConfig.weighting="none"``) it is
+    exactly the released stage-2 loss (algo.py ``FLM_distill_double.loss``: no learned
+    weighting, ``(F_s_t - F_s_t_distilled)**2`` summed over V, up to their 1e-5 in
+    1 - G_s): r^2 grows with the jump, so long jumps -- the one-step (0, 1) interval
+    included, where r = 1 -- dominate. A learned w(s, t) would cancel that per-(s, t)
+    factor (exp(w) tracks the expected loss); w(s) only its average over t.
     Calls: D(x_s, s) and g(x_s, s, t) without grad, h(x_s, s, t) with grad.
     Returns what :func:`fmlm_stage1_loss` returns.
     """

@@ -19,6 +19,7 @@ from torch import nn
 
 from flm.loading import load_model, read_config
 from flm.methods import METHODS, Method
+from flm.model import select_backend
 
 
 @dataclass
@@ -59,6 +60,7 @@ def load_sampler(path: str | Path, device: torch.device | str = "cpu", teacher: 
     (e.g. ``top_p=`` for AR); a method refuses options it does not take.
     """
     device = torch.device(device)
+    select_backend(device)
     config = read_config(path)
     if teacher is not None:
         config.setdefault("distill", {})["teacher"] = str(teacher)

@@ -27,7 +27,7 @@ from flm.distributed import (all_reduce_sum, apply_activation_checkpointing, bui
 from flm.methods import METHODS, Batch
 from flm.methods.base import loss_by_bucket
 from flm.metrics import Logger, Throughput, peak_memory_gib, setup_logging
-from flm.model import DiT
+from flm.model import DiT, select_backend
 from flm.optim import EMA, build_optimizer, build_scheduler, clip_grad_norm
 from flm.rng import derive_seed, example_generators, step_generator
 
@@ -60,6 +60,7 @@ def train(config: str | None = None, **overrides) -> None:
 
     # ---- model: meta -> activation checkpointing -> fully_shard -> materialise -> init ----
     mesh = build_mesh(info, cfg.dist.replicate)
+    select_backend(device)  # before any forward: never probe inside a checkpointed block
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.objective].build(cfg, mesh, device)  # frozen networks; sets cfg.model
     if info.is_main:  # after build, which fixes the trained backbone

@@ -1,4 +1,5 @@
-"""flm.model.dit: input paths, meta-device init, zero-init output, two-time conditioning, FLOPs."""
+"""flm.model.dit: input paths, meta-device init, zero-init output, two-time conditioning,
+time scale, attention soft-capping, FLOPs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from flm.config import ModelConfig
 from flm.flow import embed_noisy_tokens
 from flm.model import DiT
-from flm.model.dit import _apply_rotary, rotary
+from flm.model.dit import TimeEmbedding, _apply_rotary, rotary
 
 CFG = ModelConfig(vocab_size=50, seq_len=12, dim=32, n_layers=2, n_heads=4, cond_dim=16)
 B = 3
@@ -127,6 +128,43 @@ def test_dropout_only_in_training() -> None:
     assert not torch.equal(model(ids, t), model(ids, t))
     model.eval()
     assert torch.equal(model(ids, t), model(ids, t))
+
+
+def test_time_scale_multiplies_t_before_the_frequencies() -> None:
+    raw, scaled = TimeEmbedding(16, scale=1.0), TimeEmbedding(16)
+    assert scaled.scale == 1000.0  # the default: this project's original conditioning
+    scaled.load_state_dict(raw.state_dict())
+    t = torch.tensor([0.0, 0.3, 1.0])
+    torch.testing.assert_close(raw(t), scaled(t / 1000.0))
+    assert not torch.allclose(raw(t), scaled(t))
+    # the model reads cfg.time_scale (both embeddings of a two-time model)
+    cfg = dataclasses.replace(CFG, two_times=True)
+    old, new = _model(cfg), _model(dataclasses.replace(cfg, time_scale=1.0))
+    assert old.time_emb.scale == old.time_emb2.scale == 1000.0
+    assert new.time_emb.scale == new.time_emb2.scale == 1.0
+    ids, t = _inputs()
+    assert not torch.allclose(old(ids, t, t.flip(0)), new(ids, t, t.flip(0)))
+
+
+def test_blocks_pass_attn_softcap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flm.model.dit as dit
+
+    seen = []
+    real = dit.attention
+    monkeypatch.setattr(dit, "attention", lambda *a, **kw: seen.append(kw.get("softcap")) or real(*a, **kw))
+    ids, t = _inputs()
+    plain = _model()
+    for block in plain.blocks:  # large attention logits, so a cap of 1 changes them
+        with torch.no_grad():
+            block.qkv.weight.mul_(30.0)
+    out = plain(ids, t)
+    capped = DiT(dataclasses.replace(CFG, attn_softcap=1.0))
+    capped.load_state_dict(plain.state_dict())
+    assert not torch.allclose(capped(ids, t), out, atol=1e-3)
+    huge = DiT(dataclasses.replace(CFG, attn_softcap=1e6))  # c tanh(z / c) -> z
+    huge.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(huge(ids, t), out, atol=1e-4, rtol=1e-4)
+    assert seen == [0.0] * CFG.n_layers + [1.0] * CFG.n_layers + [1e6] * CFG.n_layers
 
 
 def test_rotary_depends_on_relative_position_only() -> None:

@@ -206,6 +206,104 @@ def test_loss_weighting_starts_neutral_and_learns():
     assert weighting.mlp[-1].bias.grad.abs().item() > 0  # d/dw (l e^-w + w) = 1 - l at w = 0
 
 
+def test_loss_weighting_modes():
+    """"s": a function of s only (the released stage 1); "st": of both ends; default "st" with
+    the parameter shapes older checkpoints have."""
+    s, t = times()
+    t2 = torch.rand(B, generator=torch.Generator().manual_seed(1))
+    by_mode = {}
+    for mode in ("s", "st"):
+        torch.manual_seed(0)
+        w = fm.LossWeighting(mode)
+        with torch.no_grad():
+            w.mlp[-1].weight.normal_()
+        by_mode[mode] = w
+        assert torch.equal(w(s, t), w(s, t))
+    assert torch.equal(by_mode["s"](s, t), by_mode["s"](s, t2)) and torch.equal(by_mode["s"](s), by_mode["s"](s, t))
+    assert not torch.allclose(by_mode["s"](s, t), by_mode["s"](t, t))
+    assert not torch.allclose(by_mode["st"](s, t), by_mode["st"](s, t2))
+    assert fm.LossWeighting().mode == "st" and fm.LossWeighting().mlp[0].in_features == 32
+    assert by_mode["s"].mlp[0].in_features == 16
+    with pytest.raises(ValueError, match="'none' is no module"):
+        fm.LossWeighting("none")
+
+
+def test_stage2_unweighted_loss_is_the_released_form():
+    """weighting=None gives algo.py FLM_distill_double.loss, transcribed: per token
+    sum_V (F_s_t - F_s_t_distilled)^2 with F_s_t = x + Delta v_f + 0.5 Delta^2 g and
+    F_s_t_distilled = x + Delta (softmax h - x) / (1 - G_s), averaged over tokens; that is
+    r^2 sum_V (c - softmax h)^2, r = Delta / (1 - G_s), so the one-step interval (0, 1)
+    (r = 1) counts fully and short jumps hardly at all."""
+    tau = get_tau(V)
+    teacher, g, h = tiny_dit(False, 0), tiny_dit(True, 1), tiny_dit(True, 2)
+    s, t = times(7)
+    s[0], t[0] = 0.0, 1.0  # the boundary interval
+    x1 = ids(2)
+    loss_sum, per_example, stats = fm.fmlm_stage2_loss(h, teacher, g, x1, s, t, tau,
+                                                       torch.Generator().manual_seed(3), weighting=None)
+    with torch.no_grad():
+        x = interpolate(x1, torch.randn(B, L, V, generator=torch.Generator().manual_seed(3)), tau(s)).double()
+        G_s, G_t = (tau(u.double())[:, None, None] for u in (s, t))
+        delta = G_t - G_s
+        v_f = (teacher(x.float(), s).double().softmax(-1) - x) / (1 - G_s)
+        F_target = x + delta * v_f + 0.5 * delta**2 * g(x.float(), s, t).double()
+        F_student = x + delta * (h(x.float(), s, t).double().softmax(-1) - x) / (1 - G_s)
+        released = (F_target - F_student).square().sum(-1).mean(-1)
+        c = teacher(x.float(), s).double().softmax(-1) + 0.5 * delta * (1 - G_s) * g(x.float(), s, t).double()
+        r = (delta / (1 - G_s))[..., 0]  # (B, 1)
+        r2_form = (r**2 * (c - h(x.float(), s, t).double().softmax(-1)).square().sum(-1)).mean(-1)
+    torch.testing.assert_close(per_example.double(), released, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(released, r2_form)
+    assert torch.equal(loss_sum, per_example.sum()) and torch.equal(stats["raw_per_example"], per_example.detach())
+
+
+def _dropout_student(seed: int = 1) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(ModelConfig(vocab_size=V, seq_len=L, dim=16, n_layers=1, n_heads=2, cond_dim=16,
+                            two_times=True, dropout=0.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.train()
+
+
+def test_target_dropout_switch():
+    """With dropout > 0 and the student in train mode, target_dropout=True (the released
+    behaviour) draws dropout in the two target forwards; False evaluates them in eval mode
+    (deterministic, the eval-mode network's outputs) and restores train mode after."""
+    tau, teacher = get_tau(V), tiny_dit(False, 0).eval()
+    s, t = times()
+    x1 = ids()
+
+    def run(target_dropout: bool, dropout_seed: int):
+        student = Counting(_dropout_student())
+        torch.manual_seed(dropout_seed)
+        _, per_example, _ = fm.fmlm_stage1_loss(student, teacher, x1, s, t, tau, torch.Generator().manual_seed(0),
+                                                target_dropout=target_dropout)
+        assert student.grad_modes == [False, False, True]  # the two target forwards, then the prediction
+        assert student.training and all(m.training for m in student.modules())
+        return student, [o.detach() for o in student.outputs], per_example.detach()
+
+    student, off_a, loss_off_a = run(False, 0)
+    _, off_b, _ = run(False, 1)
+    _, on_a, loss_on_a = run(True, 0)
+    _, on_b, _ = run(True, 1)
+    for i in (0, 1):  # target forwards: deterministic without dropout, seed-dependent with it
+        torch.testing.assert_close(off_a[i], off_b[i], rtol=0, atol=0)
+        assert not torch.allclose(on_a[i], on_b[i])
+        assert not torch.allclose(on_a[i], off_a[i])
+    assert not torch.allclose(off_a[2], off_b[2])  # the prediction keeps its dropout either way
+    assert not torch.allclose(loss_off_a, loss_on_a)
+    with torch.no_grad():  # the eval-mode targets are the eval-mode network's outputs
+        eval_net = _dropout_student().eval()
+        x_s = interpolate(x1, torch.randn(B, L, V, generator=torch.Generator().manual_seed(0)), tau(s))
+        u = s + 0.5 * (t - s)
+        torch.testing.assert_close(off_a[0], eval_net(x_s, s, u))
+    with pytest.raises(TypeError, match="nn.Module"):
+        fm.fmlm_stage1_loss(lambda x, a, b: student(x, a, b), teacher, x1, s, t, tau,
+                            torch.Generator().manual_seed(0), target_dropout=False)
+
+
 # ---------------------------------------------------------------- init and samplers
 
 def test_init_student_zeroes_new_paths_and_reproduces_the_teacher():

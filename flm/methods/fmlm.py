@@ -58,11 +58,6 @@ def init_student(student: nn.Module, teacher: nn.Module, zero_output: bool) -> N
         raise ValueError(f"teacher parameters {unused[:5]} have no counterpart in the student")
 
 
-def _two_time(model: nn.Module):
-    """Call a two-time DiT as f(x, s, t) (its forward takes (x, t, t2))."""
-    return lambda x, s, t: model(x, s, t)
-
-
 class _FlowMap:
     """What both stages share: frozen networks, weighting, provenance, the student's backbone."""
 
@@ -73,11 +68,11 @@ class _FlowMap:
 
     def __init__(self, cfg_flow: FlowConfig, seq_len: int, vocab_size: int, teacher: nn.Module | None,
                  stage1: nn.Module | None, weighting: nn.Module | None, boundary_prob: int,
-                 provenance: dict[str, dict[str, str]]) -> None:
+                 provenance: dict[str, dict[str, str]], target_dropout: bool = True) -> None:
         self.seq_len, self.vocab_size = seq_len, vocab_size
         self.tau = time_map(vocab_size, cfg_flow.use_tau)
         self.teacher, self.stage1, self.weighting = teacher, stage1, weighting
-        self.boundary_prob, self.provenance = boundary_prob, provenance
+        self.boundary_prob, self.provenance, self.target_dropout = boundary_prob, provenance, target_dropout
         self.weighted = weighting is not None
         self.extra_modules = {"weighting": weighting} if weighting is not None else {}
         self.dense_input = True
@@ -113,12 +108,12 @@ class _FlowMap:
             stage1 = load_frozen(d.stage1, mesh, precision, device)
             provenance["stage1"] = {"path": str(d.stage1), "fingerprint": fingerprint(d.stage1)}
         weighting = None
-        if d.learn_weighting:
-            weighting = LossWeighting().to(device)
+        if d.weighting != "none":
+            weighting = LossWeighting(d.weighting).to(device)
             fully_shard(weighting, mesh=mesh, mp_policy=mixed_precision("fp32"))
         log.info("distillation stage %d from %s", cls.stage, provenance)
         return cls(cfg.flow, cfg.model.seq_len, cfg.model.vocab_size, teacher, stage1, weighting,
-                   d.boundary_prob, provenance)
+                   d.boundary_prob, provenance, d.target_dropout)
 
     def init_model(self, model: nn.Module) -> None:
         init_student(model, self.teacher, zero_output=self.stage == 1)
@@ -132,12 +127,11 @@ class _FlowMap:
         batch, ``batch.gens`` the noise.
         """
         s, t = sample_intervals(batch.num_global, batch.index, batch.shared, self.boundary_prob)
-        student = _two_time(model)
-        if self.stage == 1:
-            loss_sum, _, stats = fmlm_stage1_loss(student, self.teacher, batch.ids, s, t, self.tau, batch.gens,
-                                                  self.weighting)
+        if self.stage == 1:  # a two-time DiT is called as g(x, s, t)
+            loss_sum, _, stats = fmlm_stage1_loss(model, self.teacher, batch.ids, s, t, self.tau, batch.gens,
+                                                  self.weighting, target_dropout=self.target_dropout)
         else:
-            loss_sum, _, stats = fmlm_stage2_loss(student, self.teacher, _two_time(self.stage1), batch.ids, s, t,
+            loss_sum, _, stats = fmlm_stage2_loss(model, self.teacher, self.stage1, batch.ids, s, t,
                                                   self.tau, batch.gens, self.weighting)
         length = batch.ids.shape[1]
         return LossOutput(loss_sum * length, stats["raw_loss_sum"] * length, stats["raw_per_example"], t - s)
@@ -171,7 +165,7 @@ class FMLMStage1(_FlowMap):
     def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator,
                fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
         shape = (num, self.seq_len, self.vocab_size)
-        return sample_stage1(self.teacher, _two_time(model), self.tau, shape, steps, generator, fixed)
+        return sample_stage1(self.teacher, model, self.tau, shape, steps, generator, fixed)
 
 
 class FMLMStage2(_FlowMap):
@@ -191,4 +185,4 @@ class FMLMStage2(_FlowMap):
     def sample(self, model: nn.Module, num: int, steps: int, generator: torch.Generator,
                fixed: Fixed | None = None) -> tuple[torch.Tensor, int]:
         shape = (num, self.seq_len, self.vocab_size)
-        return sample_fmlm(_two_time(model), self.tau, shape, steps, generator, fixed)
+        return sample_fmlm(model, self.tau, shape, steps, generator, fixed)

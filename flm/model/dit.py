@@ -2,6 +2,7 @@
 
     h_0   = x @ W_in                                  (x: ids, dense (B, L, V) state, or given)
     c     = SiLU(emb(t))            or  SiLU(emb(s) + emb'(t)) with two times
+            (emb: sinusoidal features of time_scale * t, then an MLP)
     h_i+1 = Block_i(h_i, c, rope)                    (adaLN-modulated attention + MLP)
     D     = Linear(modulate(LN(h_n), shift(c), scale(c)))   -> logits (B, L, V)
 
@@ -9,6 +10,7 @@ Each block, with (shift, scale, gate) x 2 = Linear(c) (zero at init: blocks star
 the identity) and modulate(y, shift, scale) = y (1 + scale) + shift:
 
     h = h + gate_a * Proj(Attention(RoPE(Q), RoPE(K), V))(modulate(LN(h), shift_a, scale_a))
+        (bidirectional; logits soft-capped at cfg.attn_softcap when it is > 0)
     h = h + gate_m * MLP(modulate(LN(h), shift_m, scale_m)),   MLP = Linear, GELU(tanh), Linear
 
 LN has no affine parameters and is computed in float32. ``cfg.dropout`` applies to the
@@ -34,7 +36,6 @@ from flm.flow import embed_noisy_tokens
 from flm.model.attention import attention
 
 _INIT_STD = 0.02
-_TIME_SCALE = 1000.0  # t in [0, 1] is scaled like a diffusion step index before the frequencies
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -64,18 +65,23 @@ def _apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class TimeEmbedding(nn.Module):
-    """emb(t) = MLP([cos(1000 t f_k), sin(1000 t f_k)]), f_k = 10000^(-k/(F/2)), k < F/2."""
+    """emb(t) = MLP([cos(a t f_k), sin(a t f_k)]), f_k = 10000^(-k/(F/2)), k < F/2.
 
-    def __init__(self, cond_dim: int, freq_dim: int = 256) -> None:
+    a = ``scale`` (``ModelConfig.time_scale``): 1 feeds raw t as the authors do; 1000
+    scales t like a diffusion step index (this project's original default).
+    """
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256, scale: float = 1000.0) -> None:
         super().__init__()
         self.freq_dim = freq_dim
+        self.scale = float(scale)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         k = torch.arange(half, device=t.device, dtype=torch.float32)
         freqs = torch.exp(-math.log(10000.0) / half * k)
-        args = _TIME_SCALE * t.float()[:, None] * freqs[None, :]
+        args = self.scale * t.float()[:, None] * freqs[None, :]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
@@ -127,6 +133,7 @@ class DiTBlock(nn.Module):
             nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim)
         )
         self.dropout = nn.Dropout(cfg.dropout)
+        self.softcap = float(cfg.attn_softcap)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, rope: torch.Tensor,
                 cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
@@ -139,7 +146,7 @@ class DiTBlock(nn.Module):
         q, k = _apply_rotary(q, rope), _apply_rotary(k, rope)
         if cache is not None:
             k, v = cache[0].append(cache[1], k, v)
-        a = attention(q, k, v, causal=self.causal and seq_len > 1)
+        a = attention(q, k, v, causal=self.causal and seq_len > 1, softcap=self.softcap)
         h = h + gate_a * self.dropout(self.proj(a.reshape(batch, seq_len, dim)))
         x = _modulate(_layer_norm(h), shift_m, scale_m)
         return h + gate_m * self.dropout(self.mlp(x))
@@ -165,8 +172,8 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size + cfg.extra_input_ids, cfg.dim)
-        self.time_emb = TimeEmbedding(cfg.cond_dim)
-        self.time_emb2 = TimeEmbedding(cfg.cond_dim) if cfg.two_times else None
+        self.time_emb = TimeEmbedding(cfg.cond_dim, scale=cfg.time_scale)
+        self.time_emb2 = TimeEmbedding(cfg.cond_dim, scale=cfg.time_scale) if cfg.two_times else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg)
         if not self.tok_emb.weight.is_meta:
