@@ -310,8 +310,9 @@ def _few_step(clean: CleanFn, tau: TimeMap, shape: tuple[int, int, int], steps: 
               generator: torch.Generator, fixed=None) -> torch.Tensor:
     """x <- eps; x <- X_{t_i, t_{i+1}}(x) on t_i = i/N; argmax of c_{t_{N-1}, 1} at the end.
 
-    ``fixed`` (a :class:`flm.methods.base.Fixed`) sets the known positions of x to their
-    clean path (1 - G_{t_i}) eps + G_{t_i} e(x) before each step and returns them unchanged.
+    ``fixed`` (a :class:`flm.methods.base.Fixed`) sets the known positions of x to a draw of
+    their clean path (1 - G_{t_i}) eps_i + G_{t_i} e(x), fresh eps_i, before each step and
+    returns them unchanged.
     At one step the map starts from G_0 = 0, where that path is pure noise: the free
     positions of a one-step sample do not depend on the fixed tokens at all."""
     if steps < 1:
@@ -319,12 +320,11 @@ def _few_step(clean: CleanFn, tau: TimeMap, shape: tuple[int, int, int], steps: 
     x = torch.randn(shape, generator=generator, device=generator.device)
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=x.device)
     G = _G(tau, grid)
-    eps = x
     for i in range(steps):
         a, b = (grid[j].float().expand(shape[0]) for j in (i, i + 1))
         G_a, G_b = G[i].expand(shape[0]), G[i + 1].expand(shape[0])
-        if fixed is not None:
-            x = fixed.hold(x, eps, G[i].float())
+        if fixed is not None and i > 0:  # at G_0 = 0 the clean path is the initial noise itself
+            x = fixed.hold(x, torch.randn(shape, generator=generator, device=x.device), G[i].float())
         c = clean(x, a, b, G_a, G_b)
         if i < steps - 1:
             x = flow_step(x, c, G_a, G_b)

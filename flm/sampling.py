@@ -19,6 +19,7 @@ from torch import nn
 
 from flm.loading import load_model, read_config
 from flm.methods import METHODS, Method
+from flm.methods.base import Fixed
 from flm.model import select_backend
 
 
@@ -46,9 +47,13 @@ class Sampler:
         return self.method.any_steps
 
     @torch.no_grad()
-    def generate(self, num: int, steps: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """Token ids (num, L) from ``steps`` steps, and the number of network evaluations."""
-        return self.method.sample(self.model, num, steps, generator)
+    def generate(self, num: int, steps: int, generator: torch.Generator, fixed: Fixed | None = None
+                 ) -> tuple[torch.Tensor, int]:
+        """Token ids (num, L) from ``steps`` steps, and the number of network evaluations;
+        ``fixed`` tokens are held (see :class:`flm.methods.base.Fixed`)."""
+        if fixed is None:
+            return self.method.sample(self.model, num, steps, generator)
+        return self.method.sample(self.model, num, steps, generator, fixed=fixed)
 
 
 def load_sampler(path: str | Path, device: torch.device | str = "cpu", teacher: str | None = None,

@@ -61,19 +61,21 @@ def euler_sample(model: nn.Module, tau: Tau, batch: int, seq_len: int, vocab_siz
     x <- eps; for i < N - 1: p = softmax(D(x, t_i)),
     x <- x + (tau(t_{i+1}) - tau(t_i)) (p - x) / (1 - tau(t_i));
     at the last step return argmax p. Returns token ids (batch, seq_len).
-    With ``fixed``, the known positions are set to their clean path
-    (1 - g_i) eps + g_i e(x) before every network call and returned unchanged.
+    With ``fixed``, the known positions are set to a draw of their clean path,
+    (1 - g_i) eps_i + g_i e(x) with fresh eps_i, before every network call, and returned
+    unchanged. This replacement is approximate for a deterministic flow: the free
+    positions commit early, partly on their own noise (see tests/test_conditioning.py
+    for the measured effect on a toy with the exact denoiser).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     x = torch.randn(batch, seq_len, vocab_size, generator=generator, device=device)
-    eps = x
     grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=device)
     g_grid = tau(grid).double()
     for i in range(steps):
         t = grid[i].float().expand(batch)
-        if fixed is not None:
-            x = fixed.hold(x, eps, g_grid[i].float())
+        if fixed is not None and i > 0:  # at t_0 = 0 the clean path is the initial noise itself
+            x = fixed.hold(x, torch.randn(x.shape, generator=generator, device=device), g_grid[i].float())
         p = torch.softmax(model(x, t).float(), dim=-1)
         if i == steps - 1:
             return p.argmax(-1) if fixed is None else fixed.apply(p.argmax(-1))
