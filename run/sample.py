@@ -28,7 +28,7 @@ def main(checkpoint: str, steps: str | int | tuple = "1,8,64", num: int = 4, see
     step_list = [int(s) for s in (steps.split(",") if isinstance(steps, str) else
                                   (steps if isinstance(steps, (tuple, list)) else [steps]))]
     sampler = load_sampler(checkpoint, device, teacher=teacher)
-    tok_path = tokenizer or Path(sampler.config["data"]["path"]) / "tokenizer.model"
+    tok_path = tokenizer or sampler.config["data"]["path"]  # a tokenizer file or the dataset directory
     tok = Tokenizer.load(tok_path)
     if tok.vocab_size != sampler.vocab_size:
         raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model has "
