@@ -211,5 +211,5 @@ def _summarise(manifest: dict[str, Any], stats: dict[str, _SplitStats], workers:
 if __name__ == "__main__":
     try:
         fire.Fire(pretokenize, serialize=lambda _: None)
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
         sys.exit(f"pretokenize: error: {error}")
