@@ -120,14 +120,14 @@ def load(path: str | Path, device: str | torch.device = "auto", tokenizer: str |
     """Load a checkpoint directory (EMA weights) or an exported file of any method.
 
     ``device``: "auto" (CUDA if available, else CPU) or a torch device. ``tokenizer``:
-    a tokenizer file, by default the one of the dataset the model was trained on.
+    a tokenizer file or dataset directory, by default the dataset the model was trained on.
     ``teacher`` replaces the FLM teacher recorded in a stage-1 map; other ``options``
     go to the method (e.g. ``top_p=0.9`` for AR).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_sampler(path, device, teacher=None if teacher is None else str(teacher), **options)
-    tok_path = Path(tokenizer) if tokenizer is not None else Path(sampler.config["data"]["path"]) / "tokenizer.model"
+    tok_path = Path(tokenizer) if tokenizer is not None else Path(sampler.config["data"]["path"])
     if not tok_path.exists():
         raise FileNotFoundError(f"tokenizer {tok_path} not found (moved dataset?); pass tokenizer=")
     return LanguageModel(sampler, Tokenizer.load(tok_path))

@@ -56,7 +56,7 @@ def train(config: str | None = None, **overrides) -> None:
     loader = build_loader(cfg.data.path, cfg.data.train_split, cfg.model.seq_len, micro, info.rank,
                           world, cfg.seed, num_workers=cfg.data.num_workers,
                           vocab_size=cfg.model.vocab_size)
-    tokenizer = Tokenizer.load(Path(cfg.data.path) / "tokenizer.model")
+    tokenizer = Tokenizer.load(cfg.data.path)  # the dataset's, checked against its manifest
 
     # ---- model: meta -> activation checkpointing -> fully_shard -> materialise -> init ----
     mesh = build_mesh(info, cfg.dist.replicate)

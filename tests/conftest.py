@@ -63,6 +63,29 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tiny", DATA_TINY_VOCAB)
 
 
+BERT_LIKE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "king", "queen", "speak", "##s", ".", ","]
+
+
+@pytest.fixture(scope="session")
+def bert_like_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT-like WordPiece tokenizer.json (ids: BERT_LIKE_VOCAB order; [CLS]=2, [SEP]=3, [PAD]=0).
+
+    Its post-processor adds [CLS] ... [SEP] as BERT's does, which flm must not apply.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    tok = HFTokenizer(models.WordPiece({piece: i for i, piece in enumerate(BERT_LIKE_VOCAB)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    tok.add_special_tokens(BERT_LIKE_VOCAB[:5])
+    path = tmp_path_factory.mktemp("bert_like") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
 def random_documents(seed: int, count: int, vocab_size: int = DATA_TINY_VOCAB,
                      max_len: int = 120) -> list[np.ndarray]:
     """``count`` documents of random ids in [3, vocab_size) (never EOS) with 0..max_len tokens."""

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from conftest import DATA_TINY_VOCAB, packed_stream, random_documents
 
-from flm.data import DataFormatError, TokenDataset, check_compatible, check_tokenizer, write_dataset
+from flm.data import DataFormatError, TokenDataset, check_compatible, check_tokenizer, tokenizer_path, write_dataset
 from flm.data.shards import sha256_file
 
 
@@ -200,3 +200,58 @@ def test_config_must_fit_dataset(make_tiny_dataset):
     with pytest.raises(DataFormatError, match=rf"data\.seq_len={tokens.num_tokens + 1} must be in "
                                               rf"\[1, {tokens.num_tokens}\].*split 'validation'"):
         check_compatible(tokens, None, tokens.num_tokens + 1)
+
+
+def test_bos_eos_framing_and_recorded_special_ids(tmp_path, tiny_tokenizer):
+    documents = random_documents(4, 20)
+    manifest = _write(tmp_path / "out", tiny_tokenizer, documents, bos_id=1, pad_id=0, framing="bos_eos")
+    assert (manifest["bos_id"], manifest["pad_id"], manifest["framing"]) == (1, 0, "bos_eos")
+    tokens = TokenDataset(tmp_path / "out", "train")
+    assert (tokens.bos_id, tokens.pad_id, tokens.framing, tokens.tokenizer_kind) == (1, 0, "bos_eos", "sentencepiece")
+    expected = np.concatenate([np.concatenate([[1], doc, [2]]) for doc in documents])
+    np.testing.assert_array_equal(tokens.read(0, tokens.num_tokens), expected)
+    with pytest.raises(ValueError, match=r"framing 'sentences' puts a BOS before every sequence, but bos_id is None"):
+        _write(tmp_path / "x", tiny_tokenizer, documents, framing="sentences")
+    with pytest.raises(ValueError, match=r"pad_id 400 is outside \[0, vocab_size=400\)"):
+        _write(tmp_path / "x", tiny_tokenizer, documents, pad_id=400)
+    with pytest.raises(ValueError, match=r"tokenizer_kind 'bpe' is not one of sentencepiece, huggingface, gpt2"):
+        _write(tmp_path / "x", tiny_tokenizer, documents, tokenizer_kind="bpe")
+
+
+def test_tokenizer_json_kinds_are_stored_as_tokenizer_json(tmp_path, bert_like_tokenizer):
+    write_dataset(tmp_path / "out", {"train": [np.array([5, 6])]}, bert_like_tokenizer, 12, 3, bos_id=2,
+                  framing="sentences", tokenizer_kind="huggingface")
+    assert tokenizer_path(tmp_path / "out") == tmp_path / "out" / "tokenizer.json"
+    assert TokenDataset(tmp_path / "out").read(0, 4).tolist() == [2, 5, 6, 3]
+    check_tokenizer(tmp_path / "out", bert_like_tokenizer)
+
+
+def test_manifest_without_the_newer_fields_reads_as_before(make_tiny_dataset):
+    dataset = make_tiny_dataset()
+
+    def drop(manifest):
+        for key in ("bos_id", "pad_id", "framing"):
+            manifest.pop(key)
+        manifest["tokenizer"].pop("kind")
+
+    _edit_manifest(dataset, drop)
+    tokens = TokenDataset(dataset, "train")
+    assert (tokens.bos_id, tokens.pad_id, tokens.framing, tokens.tokenizer_kind) == (None, None, "eos", "sentencepiece")
+    assert tokenizer_path(dataset) == dataset / "tokenizer.model"
+    tokens.verify()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(framing="lines"), r"field 'framing' is 'lines', expected one of 'eos', 'bos_eos', "
+                                          r"'sentences'"),
+    (lambda m: m.update(framing="bos_eos"), r"field 'framing' is 'bos_eos' but 'bos_id' is null"),
+    (lambda m: m.update(bos_id=400), r"field 'bos_id' is 400, expected null or an id in \[0, vocab_size=400\)"),
+    (lambda m: m.update(pad_id="0"), r"field 'pad_id' is '0', expected null or an id"),
+    (lambda m: m["tokenizer"].update(kind="bpe"), r"field 'tokenizer\.kind' is 'bpe', expected one of"),
+    (lambda m: m["tokenizer"].update(file="../tokenizer.model"), r"field 'tokenizer\.file' must be a plain file name"),
+])
+def test_bad_framing_and_tokenizer_fields(make_tiny_dataset, edit, message):
+    dataset = make_tiny_dataset()
+    _edit_manifest(dataset, edit)
+    with pytest.raises(DataFormatError, match=message):
+        TokenDataset(dataset, "train")

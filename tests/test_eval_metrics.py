@@ -14,7 +14,7 @@ import math
 import os
 import random
 import string
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -135,6 +135,106 @@ def test_split_windows_score_each_token_once() -> None:
     assert split_windows([], prefix_token_id=0, max_length=8) == []
 
 
+# A scorer with known probabilities: words are tokens (ids below) and the next token's
+# distribution depends only on the current token, P[current][next], in powers of 1/2, so every
+# nll is a whole number of ln 2.
+EOT = "<|endoftext|>"
+WORDS = {EOT: 0, "a": 1, "b": 2, "c": 3}
+P = [
+    [1 / 4, 1 / 4, 1 / 4, 1 / 4],  # after <|endoftext|>
+    [1 / 8, 1 / 8, 1 / 2, 1 / 4],  # after a
+    [1 / 2, 1 / 4, 1 / 8, 1 / 8],  # after b
+    [1 / 4, 1 / 2, 1 / 8, 1 / 8],  # after c
+]
+LN2 = math.log(2)
+
+
+class BigramLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_p = torch.nn.Parameter(torch.tensor(P, dtype=torch.float64).log().float())
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.log_p[input_ids])  # softmax(log P) = P
+
+
+class WordTokenizer:
+    eos_token_id = bos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        assert not add_special_tokens
+        return {"input_ids": [[WORDS[word] for word in text.split()] for text in texts]}
+
+    def get_vocab(self):
+        return dict(WORDS)
+
+
+@pytest.fixture
+def bigram_scorer():
+    from flm.eval.genppl import Scorer
+
+    scorer = Scorer(BigramLM(), WordTokenizer(), "bigram", prefix_token_id=0, context_length=16)
+    assert scorer.eos_token_id == 0
+    return scorer
+
+
+LONG = f"a b {EOT} c a {EOT} b"  # ids 1 2 0 3 1 0 2
+SHORT = "c a"  # ids 3 1
+
+
+def test_paper_protocol_by_hand(bigram_scorer) -> None:
+    """The authors' mask: no prefix, first token unscored, later end-of-text tokens unscored.
+
+    LONG, positions 1..6: b|a 1/2 (1 ln2), <eot>|b 1/2 (1, its first <eot>), c|<eot> 1/4 (2),
+    a|c 1/2 (1), <eot>|a 1/8 (a second <eot>: not scored), b|<eot> 1/4 (2: tokens after the
+    first <eot> are scored) -> 7 ln2 over 5 tokens.
+    SHORT, padded with <eot> to LONG's 7 tokens: a|c 1/2 (1), then its first pad, <eot>|a 1/8 (3),
+    counts as its first <eot>; later pads do not -> 4 ln2 over 2 tokens.
+    """
+    paper = bigram_scorer.gen_ppl([LONG, SHORT], batch_size=8, progress=False, protocol="paper")
+    assert (paper["tokens"], paper["samples"], paper["samples_dropped"]) == (7, 2, 0)
+    assert paper["nll"] == pytest.approx(11 / 7 * LN2)
+    assert paper["ppl"] == pytest.approx(2 ** (11 / 7)) and paper["protocol"] == "paper"
+    # Not the mean over samples of per-sample perplexities or nlls (1.4 and 2 ln2 per token) ...
+    assert paper["ppl"] != pytest.approx(((2**1.4) + 2**2) / 2, rel=1e-3)
+    assert paper["ppl"] != pytest.approx(2 ** ((1.4 + 2) / 2), rel=1e-3)
+    # ... nor "score up to the first <eot> only": LONG b|a, <eot>|b; SHORT a|c -> 3 ln2 over 3 tokens.
+    assert paper["ppl"] != pytest.approx(2.0, rel=1e-3)
+    # Ours: <eot> prepended, every token scored, each text on its own (no padding effects):
+    # LONG a|<eot> 2, b|a 1, <eot>|b 1, c|<eot> 2, a|c 1, <eot>|a 3, b|<eot> 2; SHORT c|<eot> 2, a|c 1.
+    flm = bigram_scorer.gen_ppl([LONG, SHORT], batch_size=8, progress=False)
+    assert (flm["tokens"], flm["protocol"]) == (9, "flm")
+    assert flm["nll"] == pytest.approx(15 / 9 * LN2)
+
+
+def test_paper_protocol_truncation_padding_and_dropped_batch(bigram_scorer) -> None:
+    # max_length 4: LONG -> a b <eot> c: 1 + 1 + 2; SHORT padded to 4: a|c 1, <eot>|a 3.
+    cut = bigram_scorer.gen_ppl([LONG, SHORT], max_length=4, progress=False, protocol="paper")
+    assert cut["tokens"] == 5 and cut["nll"] == pytest.approx(8 / 5 * LN2)
+    # Alone, SHORT is the longest text: no pad, so only a|c is scored.
+    alone = bigram_scorer.gen_ppl([SHORT], progress=False, protocol="paper")
+    assert alone["tokens"] == 1 and alone["nll"] == pytest.approx(LN2)
+    # Batches of 2 in order: the third text does not fill a batch and is not scored.
+    dropped = bigram_scorer.gen_ppl([LONG, SHORT, "b a"], batch_size=2, progress=False, protocol="paper")
+    assert (dropped["samples"], dropped["samples_dropped"], dropped["tokens"]) == (2, 1, 7)
+    assert dropped["nll"] == pytest.approx(11 / 7 * LN2)
+    # Batched per 1 the rows are padded as in one call: the same terms.
+    single = bigram_scorer.gen_ppl([LONG, SHORT, ""], batch_size=1, progress=False, protocol="paper")
+    assert (single["samples"], single["tokens"]) == (3, 7) and single["nll"] == pytest.approx(11 / 7 * LN2)
+    with pytest.raises(ValueError, match=r"max_length must be in \[1, 16\] \(the scorer's context\), got 17"):
+        bigram_scorer.gen_ppl([LONG], max_length=17, progress=False, protocol="paper")
+    with pytest.raises(ValueError, match=r"protocol must be one of flm, paper, got 'mdlm'"):
+        bigram_scorer.gen_ppl([LONG], progress=False, protocol="mdlm")
+
+
+def test_paper_scored_tokens() -> None:
+    from flm.eval.genppl import paper_scored_tokens
+
+    ids = torch.tensor([[1, 2, 0, 3, 0, 0, 2], [0, 1, 0, 2, 3, 3, 3], [1, 2, 3, 3, 3, 3, 0]])
+    expected = [[0, 1, 1, 1, 0, 0, 1], [0, 1, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]]
+    assert paper_scored_tokens(ids, eos_token_id=0).int().tolist() == expected
+
+
 @pytest.fixture(scope="module")
 def scorer():
     require_smollm2()
@@ -162,6 +262,17 @@ def test_gen_ppl_matches_transformers_loss(scorer) -> None:
     result = scorer.gen_ppl([HAMLET], progress=False)
     assert result["tokens"] == len(ids) - 1
     assert result["nll"] == pytest.approx(float(loss), rel=1e-4)
+
+
+def test_paper_protocol_with_smollm2(scorer) -> None:
+    ids = scorer.encode([HAMLET])[0]  # no prefix: the first token is context only
+    with torch.inference_mode():
+        loss = scorer.model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    result = scorer.gen_ppl([HAMLET], progress=False, protocol="paper")
+    assert result["tokens"] == len(ids) - 1 and result["nll"] == pytest.approx(float(loss), rel=1e-4)
+    # A decoded GPT-2 sample keeps "<|endoftext|>" as text; the scorer reads it as its end of text.
+    eot = scorer.encode([f"{HAMLET}<|endoftext|>The end."])[0]
+    assert eot.count(scorer.eos_token_id) == 1 and eot[len(ids)] == scorer.eos_token_id
 
 
 def test_gen_ppl_is_token_weighted_and_padding_invariant(scorer) -> None:

@@ -25,7 +25,7 @@ import fire
 import numpy as np
 import torch
 
-from flm.data import TokenDataset, WindowDataset, write_dataset
+from flm.data import TokenDataset, WindowDataset, tokenizer_path, write_dataset
 from flm.data.shards import DEFAULT_CACHE_BYTES, DEFAULT_FRAME_TOKENS, token_dtype
 
 CORPUS_TEXT = Path("data/shakespeare/text")
@@ -50,7 +50,7 @@ def _bench_tokens(data: Path, num_tokens: int, seed: int, scratch: Path) -> tupl
     if (data / "manifest.json").is_file():
         real = TokenDataset(data, "train")
         tokens = np.resize(real.read(0, real.num_tokens), num_tokens)
-        return (tokens, data / "tokenizer.model", real.vocab_size, real.eos_id,
+        return (tokens, tokenizer_path(data), real.vocab_size, real.eos_id,
                 f"{data} train split ({real.num_tokens:,} tokens) tiled")
     vocab_size, eos_id = 8192, 2
     placeholder = scratch / "no-tokenizer.model"

@@ -16,6 +16,7 @@ from flm.data.shards import (
     check_compatible,
     check_tokenizer,
     load_manifest,
+    tokenizer_path,
     write_dataset,
 )
 from flm.data.tokenizer import Tokenizer, train_tokenizer
@@ -32,6 +33,7 @@ __all__ = [
     "check_compatible",
     "check_tokenizer",
     "load_manifest",
+    "tokenizer_path",
     "train_tokenizer",
     "write_dataset",
 ]

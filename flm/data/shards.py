@@ -1,9 +1,11 @@
 """Compressed token shards: the on-disk dataset format, its writer and its reader.
 
 The format is specified in ``FORMAT.md`` next to this file. In short: a dataset
-directory holds ``manifest.json`` (written last), ``tokenizer.model`` and, per
-split, shard files ``<split>-<NNNNN>.flm``. A split is one stream of token ids
-(each document followed by EOS) cut into shards of ``shard_tokens`` tokens; a
+directory holds ``manifest.json`` (written last), the tokenizer file
+(``tokenizer.model`` or ``tokenizer.json``) and, per split, shard files
+``<split>-<NNNNN>.flm``. A split is one stream of token ids (each document
+framed as the manifest's ``framing`` says, by default followed by EOS) cut into
+shards of ``shard_tokens`` tokens; a
 shard is a sequence of independent zstd frames of ``frame_tokens`` tokens, then
 a uint64 frame-offset index, then a 32-byte footer. ``write_dataset`` writes a
 dataset atomically and deterministically; ``TokenDataset`` reads any token range
@@ -33,7 +35,13 @@ import zstandard
 FORMAT_NAME = "flm-tokens"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # the file name of the default kind, sentencepiece
+# Tokenizer kinds and the name of their file in a dataset: "gpt2" is GPT-2's BPE stored as a
+# Hugging Face tokenizer.json (flm.data.tokenizer.build_gpt2_tokenizer).
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "huggingface": "tokenizer.json", "gpt2": "tokenizer.json"}
+# How documents become the token stream: "eos": doc EOS; "bos_eos": BOS doc EOS;
+# "sentences": BOS sentence EOS for every line of a document (pretokenize splits the lines).
+FRAMINGS = ("eos", "bos_eos", "sentences")
 DEFAULT_FRAME_TOKENS = 1024
 DEFAULT_SHARD_TOKENS = 1 << 26
 DEFAULT_LEVEL = 3
@@ -133,10 +141,11 @@ class _ShardFile:
 class _SplitWriter:
     """Packs the documents of one split into a stream of frames and shards."""
 
-    def __init__(self, directory: Path, split: str, vocab_size: int, eos_id: int,
+    def __init__(self, directory: Path, split: str, vocab_size: int, eos_id: int, bos_id: int | None,
                  frame_tokens: int, shard_tokens: int, level: int) -> None:
         self.directory, self.split = directory, split
         self.vocab_size, self.eos = vocab_size, np.array([eos_id])
+        self.bos = None if bos_id is None else np.array([bos_id])
         self.frame_tokens, self.shard_tokens = frame_tokens, shard_tokens
         self.compressor = zstandard.ZstdCompressor(level=level, write_content_size=True,
                                                   write_checksum=True)
@@ -155,6 +164,8 @@ class _SplitWriter:
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0]
             raise DataFormatError(f"split '{self.split}' document {self.num_documents}: token id {bad} "
                                   f"is outside [0, vocab_size={self.vocab_size})")
+        if self.bos is not None:
+            self._append(self.bos)
         self._append(tokens)
         self._append(self.eos)
         self.num_documents += 1
@@ -189,32 +200,48 @@ class _SplitWriter:
 
 def write_dataset(out_dir: str | os.PathLike, splits: Mapping[str, Iterable[np.ndarray]],
                   tokenizer_path: str | os.PathLike, vocab_size: int, eos_id: int, *,
+                  bos_id: int | None = None, pad_id: int | None = None, framing: str = "eos",
+                  tokenizer_kind: str = "sentencepiece",
                   frame_tokens: int = DEFAULT_FRAME_TOKENS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
                   level: int = DEFAULT_LEVEL, overwrite: bool = False) -> dict[str, Any]:
     """Write ``splits`` (name -> iterable of per-document token arrays) as a dataset at ``out_dir``.
 
-    Splits are consumed lazily, in order. The write is atomic (see ``atomic_directory``)
-    and deterministic. Returns the manifest.
+    Every array is framed as ``framing`` says: "eos" appends ``eos_id``; "bos_eos"
+    and "sentences" (whose arrays are single sentences) also prepend ``bos_id``.
+    The tokenizer file is copied in as ``TOKENIZER_FILES[tokenizer_kind]``; ``pad_id``
+    is only recorded. Splits are consumed lazily, in order. The write is atomic
+    (see ``atomic_directory``) and deterministic. Returns the manifest.
     """
     if frame_tokens <= 0 or shard_tokens <= 0 or shard_tokens % frame_tokens:
         raise ValueError(f"shard_tokens ({shard_tokens}) must be a positive multiple of "
                          f"frame_tokens ({frame_tokens})")
-    if not 0 <= eos_id < vocab_size:
-        raise ValueError(f"eos_id {eos_id} is outside [0, vocab_size={vocab_size})")
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing {framing!r} is not one of {', '.join(FRAMINGS)}")
+    if tokenizer_kind not in TOKENIZER_FILES:
+        raise ValueError(f"tokenizer_kind {tokenizer_kind!r} is not one of {', '.join(TOKENIZER_FILES)}")
+    if framing != "eos" and bos_id is None:
+        raise ValueError(f"framing {framing!r} puts a BOS before every sequence, but bos_id is None")
+    for name, token in (("eos_id", eos_id), ("bos_id", bos_id), ("pad_id", pad_id)):
+        if token is not None and not 0 <= token < vocab_size:
+            raise ValueError(f"{name} {token} is outside [0, vocab_size={vocab_size})")
+    tokenizer_file = TOKENIZER_FILES[tokenizer_kind]
     with atomic_directory(out_dir, overwrite) as tmp:
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        shutil.copyfile(tokenizer_path, tmp / tokenizer_file)
         infos = {}
         for split, documents in splits.items():
             if not _SPLIT_NAME.match(split):
                 raise ValueError(f"split name {split!r} must match {_SPLIT_NAME.pattern}")
-            writer = _SplitWriter(tmp, split, vocab_size, eos_id, frame_tokens, shard_tokens, level)
+            writer = _SplitWriter(tmp, split, vocab_size, eos_id, None if framing == "eos" else bos_id,
+                                  frame_tokens, shard_tokens, level)
             for document in documents:
                 writer.add_document(document)
             infos[split] = writer.finish()
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(tmp / TOKENIZER_FILE)},
-            "vocab_size": vocab_size, "eos_id": eos_id, "dtype": token_dtype(vocab_size).name,
+            "tokenizer": {"file": tokenizer_file, "sha256": sha256_file(tmp / tokenizer_file),
+                          "kind": tokenizer_kind},
+            "vocab_size": vocab_size, "eos_id": eos_id, "bos_id": bos_id, "pad_id": pad_id,
+            "framing": framing, "dtype": token_dtype(vocab_size).name,
             "frame_tokens": frame_tokens, "shard_tokens": shard_tokens,
             "compression": {"codec": "zstd", "level": level}, "splits": infos,
         }
@@ -237,8 +264,23 @@ def _field(obj: Any, key: str, kind: type, where: str, path: Path) -> Any:
     return value
 
 
+def _optional(obj: dict[str, Any], key: str, default: Any, path: Path, where: str = "",
+              choices: Iterable[str] | None = None) -> Any:
+    """Fill in a field that datasets written before it existed lack; check it against ``choices``."""
+    value = obj.setdefault(key, default)
+    if choices is not None and value not in choices:
+        raise DataFormatError(f"{path}: field '{where}{key}' is {value!r}, expected one of "
+                              f"{', '.join(map(repr, choices))}")
+    return value
+
+
 def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``<dataset_dir>/manifest.json``; raise DataFormatError if invalid."""
+    """Read and validate ``<dataset_dir>/manifest.json``; raise DataFormatError if invalid.
+
+    Fields added after format_version 1 was first written (tokenizer.kind, bos_id,
+    pad_id, framing) are filled in with what older datasets did: a sentencepiece
+    tokenizer, no BOS or padding id recorded, EOS framing.
+    """
     path = Path(dataset_dir) / MANIFEST_FILE
     if not path.is_file():
         raise DataFormatError(f"{path}: manifest not found; {dataset_dir} is not a complete flm dataset "
@@ -253,11 +295,22 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise DataFormatError(f"{path}: unsupported format_version {version}; expected {FORMAT_VERSION} "
                               f"(re-create the dataset with this version's tools/pretokenize.py)")
-    _field(_field(manifest, "tokenizer", dict, "", path), "file", str, "tokenizer.", path)
+    tokenizer_file = _field(_field(manifest, "tokenizer", dict, "", path), "file", str, "tokenizer.", path)
+    if Path(tokenizer_file).name != tokenizer_file or tokenizer_file in ("", ".", ".."):
+        raise DataFormatError(f"{path}: field 'tokenizer.file' must be a plain file name, got {tokenizer_file!r}")
     _field(manifest["tokenizer"], "sha256", str, "tokenizer.", path)
+    _optional(manifest["tokenizer"], "kind", "sentencepiece", path, "tokenizer.", TOKENIZER_FILES)
     vocab_size = _field(manifest, "vocab_size", int, "", path)
     if not 0 <= _field(manifest, "eos_id", int, "", path) < vocab_size:
         raise DataFormatError(f"{path}: field 'eos_id' is outside [0, vocab_size={vocab_size})")
+    for name in ("bos_id", "pad_id"):
+        token = _optional(manifest, name, None, path)
+        if token is not None and not (isinstance(token, int) and not isinstance(token, bool)
+                                      and 0 <= token < vocab_size):
+            raise DataFormatError(f"{path}: field '{name}' is {token!r}, expected null or an id in "
+                                  f"[0, vocab_size={vocab_size})")
+    if _optional(manifest, "framing", "eos", path, "", FRAMINGS) != "eos" and manifest["bos_id"] is None:
+        raise DataFormatError(f"{path}: field 'framing' is {manifest['framing']!r} but 'bos_id' is null")
     if _field(manifest, "dtype", str, "", path) != token_dtype(vocab_size).name:
         raise DataFormatError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected "
                               f"{token_dtype(vocab_size).name!r} for vocab_size {vocab_size}")
@@ -351,6 +404,10 @@ class TokenDataset:
         info = self.manifest["splits"][split]
         self.vocab_size: int = self.manifest["vocab_size"]
         self.eos_id: int = self.manifest["eos_id"]
+        self.bos_id: int | None = self.manifest["bos_id"]
+        self.pad_id: int | None = self.manifest["pad_id"]
+        self.framing: str = self.manifest["framing"]
+        self.tokenizer_kind: str = self.manifest["tokenizer"]["kind"]
         self.dtype = token_dtype(self.vocab_size)
         self.frame_tokens: int = self.manifest["frame_tokens"]
         self.num_tokens: int = info["num_tokens"]
@@ -423,6 +480,11 @@ class TokenDataset:
                     at = int(np.argmax(tokens >= self.vocab_size))
                     raise DataFormatError(f"{shard.path}: frame {i}: token id {tokens[at]} at shard position "
                                           f"{i * self.frame_tokens + at} is >= vocab_size {self.vocab_size}")
+
+
+def tokenizer_path(dataset_dir: str | os.PathLike) -> Path:
+    """The tokenizer file of a dataset (``tokenizer.model`` or ``tokenizer.json``, as its manifest says)."""
+    return Path(dataset_dir) / load_manifest(dataset_dir)["tokenizer"]["file"]
 
 
 def check_tokenizer(dataset_dir: str | os.PathLike, tokenizer_path: str | os.PathLike) -> None:

@@ -8,7 +8,8 @@ package never imports them.
 
     from flm.eval import Scorer, mean_entropy, mauve
     scorer = Scorer.load("smollm2")            # offline default scorer
-    scorer.gen_ppl(texts)                      # {"ppl", "nll", "tokens", "samples", "scorer"}
+    scorer.gen_ppl(texts)                      # {"ppl", "nll", "tokens", "samples", "scorer", "protocol"}
+    scorer.gen_ppl(texts, protocol="paper")    # the authors' protocol (see flm.eval.genppl)
     mean_entropy(sample_ids)                   # nats, on the generator's token ids
     mauve(reference_texts, texts)              # {"mauve", "num_clusters", ...}
 """

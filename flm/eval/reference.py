@@ -91,6 +91,8 @@ def score_samples(
     reference_texts: Sequence[str] | None = None,
     *,
     batch_size: int = 8,
+    gen_ppl_protocol: str = "flm",
+    gen_ppl_max_length: int | None = None,
     mauve_clusters: int | str = "auto",
     seed: int = 0,
     progress: bool = True,
@@ -101,9 +103,12 @@ def score_samples(
     distinct-n use the ids themselves; Gen PPL (if ``scorer`` is given) and MAUVE
     against ``reference_texts`` (if given) use the decoded text. For the data's own
     row, pass reference chunks as ``samples`` and a *disjoint* reference set as
-    ``reference_texts``. Keys: entropy, distinct_1, distinct_2, distinct_3,
-    num_samples, and gen_ppl, gen_nll, gen_ppl_tokens, scorer, mauve,
-    mauve_clusters, embedder when computed.
+    ``reference_texts``. ``gen_ppl_protocol`` and ``gen_ppl_max_length`` go to
+    ``Scorer.gen_ppl`` as ``protocol`` and ``max_length``; for "paper", ``decode``
+    must keep special tokens (``Tokenizer.decode_with_special_tokens``). Keys:
+    entropy, distinct_1, distinct_2, distinct_3, num_samples, and gen_ppl, gen_nll,
+    gen_ppl_tokens, gen_ppl_protocol, scorer, mauve, mauve_clusters, embedder when
+    computed.
     """
     row: dict[str, Any] = {
         "num_samples": len(samples),
@@ -114,8 +119,10 @@ def score_samples(
         return row
     texts = [decode(sample) for sample in samples]
     if scorer is not None:
-        ppl = scorer.gen_ppl(texts, batch_size=batch_size, progress=progress)
-        row.update(gen_ppl=ppl["ppl"], gen_nll=ppl["nll"], gen_ppl_tokens=ppl["tokens"], scorer=ppl["scorer"])
+        ppl = scorer.gen_ppl(texts, batch_size=batch_size, max_length=gen_ppl_max_length, progress=progress,
+                             protocol=gen_ppl_protocol)
+        row.update(gen_ppl=ppl["ppl"], gen_nll=ppl["nll"], gen_ppl_tokens=ppl["tokens"],
+                   gen_ppl_protocol=ppl["protocol"], scorer=ppl["scorer"])
     if reference_texts is not None:
         from flm.eval.mauve_score import mauve
 

@@ -41,7 +41,11 @@ def caption(results: dict[str, Any]) -> str:
     ref = results["reference"]
     mauve = (f"MAUVE on {results['embedder']} embeddings, {results['mauve_clusters']} clusters, against "
              f"{ref['mauve_windows']} windows of `{ref['split']}`" if results["embedder"] else "MAUVE: not computed")
-    gen_ppl = f"Gen PPL scored by {results['scorer']}" if results["scorer"] else "Gen PPL: not computed"
+    protocol = {"flm": "flm protocol: each document scored from the document-start token",
+                "paper": "paper protocol: whole samples, first token unscored, batches of 8"}.get(
+        results.get("gen_ppl_protocol", "flm"), results.get("gen_ppl_protocol"))
+    gen_ppl = (f"Gen PPL scored by {results['scorer']} ({protocol})" if results["scorer"]
+               else "Gen PPL: not computed")
     return (f"{gen_ppl}; {mauve}. "
             f"{results['num_samples']} samples of {results['seq_len']} tokens per model row; "
             f"the data row scores {ref['row_windows']} other windows of `{ref['split']}` of {ref['dataset']}. "
