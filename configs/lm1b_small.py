@@ -1,7 +1,10 @@
 """FLM teacher, DiT-small on LM1B (method.md section 4; the paper's setting).
 
-V = 30522 (the size of BERT's uncased vocabulary; with no hub access we train a
-sentencepiece model of that size: `tools/pretokenize.py --vocab_size 30522`),
+V = 30522, bert-base-uncased as released: pretokenize with
+`--tokenizer <bert-base-uncased>/tokenizer.json --framing sentences` (each sentence
+[CLS] ... [SEP]; the released loader instead wraps sentences into L-token rows with
+[CLS]/[SEP] per row, see docs/fidelity.md); without that file, a sentencepiece model
+of the same size (`--vocab_size 30522`) stands in,
 L = 128, global batch 512, otherwise as configs/owt_small.py: the released model
 (their configs/model/small.yaml, models/dit.py) with dropout 0.1 on the residual
 branches, attention logits soft-capped at 50 and raw t into the time embedding

@@ -4,7 +4,7 @@
         --rdzv_backend c10d --rdzv_endpoint $MASTER_HOST:29500 --rdzv_id owt_large \
         run/train.py --config configs/owt_large.py
 
-DiT: 24 blocks, hidden 2048, 16 heads, time-conditioning 256; V = 50257, L = 1024.
+DiT: 24 blocks, hidden 2048, 16 heads, time-conditioning 256; V = 50258 (GPT-2 + padding id, --tokenizer gpt2), L = 1024.
 Not a paper model; it keeps the released DiT's choices (dropout 0.1 as in every
 released model size, attention logits soft-capped at 50, raw t into the time
 embedding: model.time_scale=1).
@@ -22,7 +22,7 @@ Per-GPU memory plan (H100 80 GB; 32 GPUs; global batch 512 -> 16 sequences of
   activations, selective checkpointing (matmul and
     attention outputs kept: ~10 d bf16 per token per
     block = 16384 x 2048 x 10 x 2 B x 24 blocks) .... 16.1 GB
-  logits 16384 x 50257 (bf16 output, fp32 upcast and
+  logits 16384 x 50258 (bf16 output, fp32 upcast and
     its gradient) ................................... 8.2 GB
   low-rank noise z (16384 x 2048 fp32) .............. 0.13 GB
   total ~29 GB (+ allocator slack). With dist.activation_checkpointing=full the
@@ -44,7 +44,7 @@ config = Config(
     sample_steps=[8, 64, 1024],
     ckpt_every=2500,
     keep_checkpoints=3,
-    model=ModelConfig(vocab_size=50257, seq_len=1024, dim=2048, n_layers=24, n_heads=16, cond_dim=256,
+    model=ModelConfig(vocab_size=50258, seq_len=1024, dim=2048, n_layers=24, n_heads=16, cond_dim=256,
                       dropout=0.1, attn_softcap=50.0, time_scale=1.0),
     data=DataConfig(path="data/owt/tokens", num_workers=4),
     optim=OptimConfig(lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=2500,

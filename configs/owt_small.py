@@ -1,7 +1,7 @@
 """FLM teacher, DiT-small on OpenWebText (method.md section 4; the paper's setting).
 
-12 blocks, hidden 768, 12 heads, time-conditioning 128; V = 50257 (a GPT-2-sized
-vocabulary: pretokenize with --vocab_size 50257), L = 1024, global batch 512,
+12 blocks, hidden 768, 12 heads, time-conditioning 128; V = 50258 (GPT-2's
+tokenizer plus one padding id, as released: pretokenize with --tokenizer gpt2), L = 1024, global batch 512,
 AdamW (0.9, 0.999) lr 3e-4, no weight decay, constant after 2500 warmup steps,
 clip 1.0, EMA 0.9999, bf16. As released (their configs/model/small.yaml and
 models/dit.py): dropout 0.1 on the residual branches, attention logits soft-capped at
@@ -28,7 +28,7 @@ config = Config(
     sample_steps=[8, 64, 1024],
     ckpt_every=5000,
     keep_checkpoints=3,
-    model=ModelConfig(vocab_size=50257, seq_len=1024, dim=768, n_layers=12, n_heads=12, cond_dim=128,
+    model=ModelConfig(vocab_size=50258, seq_len=1024, dim=768, n_layers=12, n_heads=12, cond_dim=128,
                       dropout=0.1, attn_softcap=50.0, time_scale=1.0),
     data=DataConfig(path="data/owt/tokens", num_workers=4),
     optim=OptimConfig(lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=2500,

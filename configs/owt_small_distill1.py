@@ -40,7 +40,7 @@ config = Config(
     sample_steps=[1, 2, 4, 32],
     ckpt_every=2500,
     # dim=768, n_layers=12, attn_softcap, time_scale: taken from the teacher
-    model=ModelConfig(vocab_size=50257, seq_len=1024, dropout=0.1),
+    model=ModelConfig(vocab_size=50258, seq_len=1024, dropout=0.1),
     data=DataConfig(path="data/owt/tokens", num_workers=4),
     optim=OptimConfig(lr=3e-4, warmup_steps=2500, schedule="constant", grad_clip=1.0, ema_decay=0.9999),
     distill=DistillConfig(teacher="runs/owt_small/checkpoints/step_01000000",

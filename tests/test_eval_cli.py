@@ -143,6 +143,16 @@ def test_markdown_table(evaluated) -> None:
     assert body[-1][10:] == ["n/a", "n/a"]  # no speed for data
 
 
+def test_paper_gen_ppl_protocol_is_named_in_the_results(trained, tmp_path) -> None:
+    require(*EVAL_MODULES)
+    evaluate(str(trained.checkpoint), steps="2", num_samples=8, batch_size=4, out=str(tmp_path), mauve=False,
+             progress=False, protocol="paper")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["gen_ppl_protocol"] == "paper"
+    assert all(math.isfinite(row["gen_ppl"]) and row["gen_ppl"] > 1 for row in results["rows"])
+    assert "paper protocol" in (tmp_path / "results.md").read_text().splitlines()[0]
+
+
 def test_plot_is_a_png(evaluated) -> None:
     import matplotlib.image
 
@@ -168,6 +178,7 @@ def test_plot_is_a_png(evaluated) -> None:
     ({"kind_suffix": ":stage9"}, "--checkpoints: unknown kind 'stage9'"),
     ({"checkpoints": "no/such/checkpoint"}, "--checkpoints: no/such/checkpoint"),
     ({"reference": "test"}, "--reference=test: .*no split 'test'"),
+    ({"protocol": "gpt"}, "--protocol='gpt': expected one of flm, paper"),
 ])
 def test_bad_arguments_name_the_argument(trained, tmp_path, overrides, message) -> None:
     kwargs = {"checkpoints": str(trained.checkpoint) + overrides.pop("kind_suffix", ""), "steps": "1",
