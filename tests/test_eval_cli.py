@@ -153,6 +153,20 @@ def test_paper_gen_ppl_protocol_is_named_in_the_results(trained, tmp_path) -> No
     assert "paper protocol" in (tmp_path / "results.md").read_text().splitlines()[0]
 
 
+def test_conditional_mode_completes_held_out_prompts(trained, tmp_path) -> None:
+    require("matplotlib")
+    evaluate(str(trained.checkpoint), steps="2", num_samples=4, batch_size=2, out=str(tmp_path), scorer="none",
+             mauve=False, progress=False, prompt_tokens=8)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["prompt_tokens"] == 8 and "Completions of 8-token held-out prompts" in \
+        (tmp_path / "results.md").read_text()
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert all(len(s["ids"]) == 32 - 8 for s in samples)  # continuations only, data row included
+    with pytest.raises(EvalArgumentError, match="--prompt_tokens=32: expected 1 to 31"):
+        evaluate(str(trained.checkpoint), steps="2", num_samples=4, out=str(tmp_path), scorer="none", mauve=False,
+                 progress=False, prompt_tokens=32)
+
+
 def test_plot_is_a_png(evaluated) -> None:
     import matplotlib.image
 

@@ -62,6 +62,7 @@ from flm.eval.entropy import distinct_n, mean_entropy
 from flm.eval.reference import split_at_eos, spread_windows
 from flm.eval.genppl import PROTOCOLS
 from flm.loading import CheckpointError, read_config
+from flm.methods.base import Fixed
 from flm.methods import METHODS
 from flm.rng import batch_generator
 from flm.sampling import load_sampler
@@ -225,30 +226,46 @@ def gather_to_main(obj: Any, ranks: Ranks) -> list[Any] | None:
     return gathered
 
 
+def prompt_constraint(prompts: list[list[int]], prompt_tokens: int, device: torch.device) -> Fixed:
+    """The first ``prompt_tokens`` of each window held fixed (conditional evaluation)."""
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    known = torch.zeros_like(ids, dtype=torch.bool)
+    known[:, :prompt_tokens] = True
+    return Fixed(ids, known)
+
+
 def generate_share(sampler: Any, steps: int, num: int, batch_size: int, seed: int, ranks: Ranks,
-                   desc: str, progress: bool) -> tuple[dict[int, list[list[int]]], int | None, float]:
-    """This rank's batches b = rank, rank + world, ...: ({b: ids}, network evaluations, seconds)."""
+                   desc: str, progress: bool, prompts: list[list[int]] | None = None, prompt_tokens: int = 0
+                   ) -> tuple[dict[int, list[list[int]]], int | None, float]:
+    """This rank's batches b = rank, rank + world, ...: ({b: ids}, network evaluations, seconds).
+    With ``prompts``, sample i completes the first ``prompt_tokens`` of ``prompts[i]``."""
     sizes = [min(batch_size, num - start) for start in range(0, num, batch_size)]
     batches, nfe, seconds = {}, None, 0.0
     for b in tqdm(range(ranks.rank, len(sizes), ranks.world), desc=desc, disable=not (progress and ranks.is_main)):
         generator = batch_generator(seed, b, ranks.device)
+        fixed = None
+        if prompts is not None:
+            fixed = prompt_constraint(prompts[b * batch_size: b * batch_size + sizes[b]], prompt_tokens, ranks.device)
         start = time.perf_counter()
-        ids, nfe = sampler.generate(sizes[b], steps, generator)
+        ids, nfe = sampler.generate(sizes[b], steps, generator, fixed=fixed) if fixed is not None else \
+            sampler.generate(sizes[b], steps, generator)
         batches[b] = ids.cpu().tolist()  # the copy waits for the device
         seconds += time.perf_counter() - start
     return batches, nfe, seconds
 
 
 def generate_all(models: list[Model], step_list: list[int], num: int, batch_size: int, seed: int,
-                 teacher: str | None, ranks: Ranks, progress: bool) -> list[dict[str, Any]]:
-    """Samples of every model at every step count, on rank 0: ``{row info..., "ids"}`` (empty elsewhere)."""
+                 teacher: str | None, ranks: Ranks, progress: bool, prompts: list[list[int]] | None = None,
+                 prompt_tokens: int = 0) -> list[dict[str, Any]]:
+    """Samples of every model at every step count, on rank 0: ``{row info..., "ids"}`` (empty elsewhere).
+    With ``prompts``, the samples are completions and "ids" holds only the generated continuations."""
     sets = []
     for model in models:
         sampler = load_sampler(model.path, ranks.device, teacher=teacher)
         sampler.generate(1, 1, batch_generator(seed, 0, ranks.device))  # warm-up, not timed
         for steps in step_list if sampler.any_steps else [sampler.seq_len]:
             share = generate_share(sampler, steps, num, batch_size, seed, ranks, f"{model.label} {steps} steps",
-                                   progress)
+                                   progress, prompts, prompt_tokens)
             parts = gather_to_main(share, ranks)
             if parts is None:
                 continue
@@ -257,7 +274,7 @@ def generate_all(models: list[Model], step_list: list[int], num: int, batch_size
             sets.append({"model": model.label, "checkpoint": str(model.path), "kind": model.kind, "steps": steps,
                          "nfe": parts[0][1], "sec_per_sample": seconds / num,
                          "tokens_per_sec": num * sampler.seq_len / seconds,
-                         "ids": [row for b in sorted(batches) for row in batches[b]]})
+                         "ids": [row[prompt_tokens:] for b in sorted(batches) for row in batches[b]]})
         del sampler
     return sets
 
@@ -384,7 +401,7 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
          reference: str = "validation", out: str = "runs/eval", scorer: str = SMOLLM2, batch_size: int = 16,
          seed: int = 0, mauve: bool | str = True, expect_kind: str | None = None, data: str | None = None,
          teacher: str | None = None, device: str = "auto", progress: bool | str = True,
-         protocol: str = "flm") -> None:
+         protocol: str = "flm", prompt_tokens: int = 0) -> None:
     """Evaluate ``checkpoints`` (comma-separated ``PATH[:KIND]``) at every count in ``steps``.
 
     ``num_samples`` samples per model and step count, generated ``batch_size`` at
@@ -397,6 +414,12 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
     scored from the scorer's document-start token) or "paper" (the authors'
     metrics.py: whole samples decoded with special tokens, retokenised, cut at L
     scorer tokens, first token unscored, batches of 8, token-weighted mean).
+
+    ``prompt_tokens`` = K > 0 evaluates completions instead: sample i holds the
+    first K tokens of held-out window i (of the odd windows) fixed and generates
+    the rest; every metric scores the L - K generated tokens only, MAUVE against
+    the true continuations of those same prompts, and the data row holds the
+    continuations of other held-out windows (the even ones).
     """
     num, batch_size = int(num_samples), int(batch_size)
     try:
@@ -408,6 +431,17 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
     tokenizer, dataset = shared_tokenizer(models, data)
     seq_len = int(models[0].config["model"]["seq_len"])
     windows = reference_windows(dataset, reference, seq_len, num, use_mauve)
+    prompt_tokens = int(prompt_tokens)
+    prompts = None
+    if prompt_tokens:
+        if not 0 < prompt_tokens < seq_len:
+            raise EvalArgumentError(f"--prompt_tokens={prompt_tokens}: expected 1 to {seq_len - 1} (L = {seq_len})")
+        prompts = windows[1::2]
+        if len(prompts) < num:
+            raise EvalArgumentError(f"--prompt_tokens: the split {reference!r} holds {len(prompts)} prompts for "
+                                    f"--num_samples={num}; lower --num_samples")
+        # the rows score continuations; MAUVE compares with the prompts' own continuations
+        windows = [w[prompt_tokens:] for pair in zip(windows[1::2], windows[0::2]) for w in pair]
 
     ranks = start_ranks(device)
     try:
@@ -415,7 +449,8 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
             row_scorer = RowScorer(tokenizer, load_scorer(scorer, ranks.device),
                                    windows[0::2] if use_mauve else None, num, batch_size, seed, ranks.device,
                                    progress, protocol, seq_len)
-        sets = generate_all(models, step_list, num, batch_size, seed, teacher, ranks, progress)
+        sets = generate_all(models, step_list, num, batch_size, seed, teacher, ranks, progress, prompts,
+                            prompt_tokens)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -435,7 +470,8 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
         "mauve_clusters": row_scorer.clusters,
         "reference": {"dataset": str(dataset), "split": reference, "tokenizer_sha256": tokenizer.sha256,
                       "mauve_windows": len(windows[0::2]) if use_mauve else 0, "row_windows": len(windows[1::2])},
-        "seq_len": seq_len, "num_samples": num, "steps": step_list, "seed": seed, "batch_size": batch_size,
+        "seq_len": seq_len, "prompt_tokens": prompt_tokens,
+        "num_samples": num, "steps": step_list, "seed": seed, "batch_size": batch_size,
         "world_size": ranks.world, "device": str(ranks.device),
         "decoding": "samples cut at EOS; Gen PPL scores each non-blank document separately, MAUVE embeds "
                     "each sample with its documents joined by a blank line; entropy and distinct-n on token ids",

@@ -46,7 +46,11 @@ def caption(results: dict[str, Any]) -> str:
         results.get("gen_ppl_protocol", "flm"), results.get("gen_ppl_protocol"))
     gen_ppl = (f"Gen PPL scored by {results['scorer']} ({protocol})" if results["scorer"]
                else "Gen PPL: not computed")
-    return (f"{gen_ppl}; {mauve}. "
+    k = results.get("prompt_tokens", 0)
+    mode = (f"Completions of {k}-token held-out prompts: every metric scores the {results['seq_len'] - k} generated "
+            f"tokens, MAUVE against the prompts' true continuations, the data row other windows' continuations. "
+            if k else "")
+    return (f"{mode}{gen_ppl}; {mauve}. "
             f"{results['num_samples']} samples of {results['seq_len']} tokens per model row; "
             f"the data row scores {ref['row_windows']} other windows of `{ref['split']}` of {ref['dataset']}. "
             f"Entropy: mean per-sample unigram entropy of the token ids (nats). s/sample: generation "
