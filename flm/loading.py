@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,10 @@ def load_weights(path: str | Path, names: list[str], which: str = "ema") -> dict
             if key not in meta:
                 raise CheckpointError(f"{path} has no weight {key!r}")
             state[which][n] = torch.empty(meta[key].size, dtype=meta[key].properties.dtype)
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+        with warnings.catch_warnings():
+            # DCP warns that it "assumes the intent is to load in a single process": it is.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
         return state[which]
     weights = _load_export(path)["model"]
     missing = [n for n in names if n not in weights]

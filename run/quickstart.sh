@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job on the embedded corpus, on CPU in about 15 minutes:
 #   fetch Shakespeare -> pretokenize -> train a tiny FLM -> sample at 1, 8, 64, 256 steps
-#   -> distil it into a flow map (stage 1) and an FMLM (stage 2) -> 1-step samples.
+#   -> distil it into a flow map (stage 1) and an FMLM (stage 2) -> 1-step samples
+#   -> one prompt completed by the teacher (256 steps) and the FMLM (1 and 4 steps), side by side.
 # Re-running skips finished work (cached corpus and dataset, auto-resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +13,12 @@ if [ ! -f data/shakespeare/tokens/manifest.json ]; then
       --val_inputs data/shakespeare/text/validation --vocab_size 1024
 fi
 python run/train.py --config configs/tiny.py
-last=$(ls -d runs/tiny/checkpoints/step_* | tail -n 1)
-python run/sample.py "$last" --steps 1,8,64,256 --num 2 --out runs/tiny/samples.jsonl
+teacher=$(ls -d runs/tiny/checkpoints/step_* | tail -n 1)
+python run/sample.py "$teacher" --steps 1,8,64,256 --num 2 --out runs/tiny/samples.jsonl
 
 python run/train.py --config configs/tiny_distill1.py
 python run/train.py --config configs/tiny_distill2.py
-last=$(ls -d runs/tiny_distill2/checkpoints/step_* | tail -n 1)
-python run/sample.py "$last" --steps 1,2,4 --num 2 --out runs/tiny_distill2/samples.jsonl
+fmlm=$(ls -d runs/tiny_distill2/checkpoints/step_* | tail -n 1)
+python run/sample.py "$fmlm" --steps 1,2,4 --num 2 --out runs/tiny_distill2/samples.jsonl
+
+python tools/side_by_side.py "$teacher:256" "$fmlm:1,4" --prompt "KING HENRY:" --num 2

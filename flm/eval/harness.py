@@ -235,13 +235,13 @@ def prompt_constraint(prompts: list[list[int]], prompt_tokens: int, device: torc
 
 
 def generate_share(sampler: Any, steps: int, num: int, batch_size: int, seed: int, ranks: Ranks,
-                   desc: str, progress: bool, prompts: list[list[int]] | None = None, prompt_tokens: int = 0
+                   bar: Any, prompts: list[list[int]] | None = None, prompt_tokens: int = 0
                    ) -> tuple[dict[int, list[list[int]]], int | None, float]:
     """This rank's batches b = rank, rank + world, ...: ({b: ids}, network evaluations, seconds).
     With ``prompts``, sample i completes the first ``prompt_tokens`` of ``prompts[i]``."""
     sizes = [min(batch_size, num - start) for start in range(0, num, batch_size)]
     batches, nfe, seconds = {}, None, 0.0
-    for b in tqdm(range(ranks.rank, len(sizes), ranks.world), desc=desc, disable=not (progress and ranks.is_main)):
+    for b in range(ranks.rank, len(sizes), ranks.world):
         generator = batch_generator(seed, b, ranks.device)
         fixed = None
         if prompts is not None:
@@ -251,21 +251,25 @@ def generate_share(sampler: Any, steps: int, num: int, batch_size: int, seed: in
             sampler.generate(sizes[b], steps, generator)
         batches[b] = ids.cpu().tolist()  # the copy waits for the device
         seconds += time.perf_counter() - start
+        bar.update(1)
     return batches, nfe, seconds
 
 
 def generate_all(models: list[Model], step_list: list[int], num: int, batch_size: int, seed: int,
-                 teacher: str | None, ranks: Ranks, progress: bool, prompts: list[list[int]] | None = None,
+                 teacher: str | None, ranks: Ranks, hide_bars: bool | None, prompts: list[list[int]] | None = None,
                  prompt_tokens: int = 0) -> list[dict[str, Any]]:
     """Samples of every model at every step count, on rank 0: ``{row info..., "ids"}`` (empty elsewhere).
     With ``prompts``, the samples are completions and "ids" holds only the generated continuations."""
     sets = []
+    rank_batches = len(range(ranks.rank, -(-num // batch_size), ranks.world))
+    runs = sum(len(step_list) if METHODS[m.kind].any_steps else 1 for m in models)
+    bar = tqdm(total=runs * rank_batches, desc="generating", unit="batch", disable=not ranks.is_main or hide_bars)
     for model in models:
         sampler = load_sampler(model.path, ranks.device, teacher=teacher)
         sampler.generate(1, 1, batch_generator(seed, 0, ranks.device))  # warm-up, not timed
         for steps in step_list if sampler.any_steps else [sampler.seq_len]:
-            share = generate_share(sampler, steps, num, batch_size, seed, ranks, f"{model.label} {steps} steps",
-                                   progress, prompts, prompt_tokens)
+            bar.set_postfix_str(f"{model.label}, {steps} steps")
+            share = generate_share(sampler, steps, num, batch_size, seed, ranks, bar, prompts, prompt_tokens)
             parts = gather_to_main(share, ranks)
             if parts is None:
                 continue
@@ -276,6 +280,7 @@ def generate_all(models: list[Model], step_list: list[int], num: int, batch_size
                          "tokens_per_sec": num * sampler.seq_len / seconds,
                          "ids": [row[prompt_tokens:] for b in sorted(batches) for row in batches[b]]})
         del sampler
+    bar.close()
     return sets
 
 
@@ -291,12 +296,12 @@ class RowScorer:
     """Every metric of one set of token-id samples; generated and data rows go through the same code."""
 
     def __init__(self, tokenizer: Tokenizer, scorer: Any, reference: list[list[int]] | None, num_samples: int,
-                 batch_size: int, seed: int, device: torch.device, progress: bool, protocol: str = "flm",
+                 batch_size: int, seed: int, device: torch.device, protocol: str = "flm",
                  seq_len: int | None = None) -> None:
         """``reference``: the samples MAUVE compares against (None: no MAUVE); embedded once here."""
         self.tokenizer, self.scorer = tokenizer, scorer
         self.scorer_name = None if scorer is None else scorer.name
-        self.batch_size, self.seed, self.device, self.progress = batch_size, seed, device, progress
+        self.batch_size, self.seed, self.device = batch_size, seed, device
         self.protocol, self.seq_len = protocol, seq_len
         self.reference_features = self.clusters = self.embedder = None
         if reference is not None:
@@ -327,10 +332,10 @@ class RowScorer:
         if self.scorer is not None:
             if self.protocol == "paper":  # whole samples, special tokens kept, batches of 8, cut at L scorer tokens
                 ppl = self.scorer.gen_ppl([self.tokenizer.decode_with_special_tokens(sample) for sample in samples],
-                                          batch_size=8, max_length=self.seq_len, progress=self.progress,
+                                          batch_size=8, max_length=self.seq_len, progress=False,
                                           protocol="paper")
             else:
-                ppl = self.scorer.gen_ppl(nonblank, batch_size=self.batch_size, progress=self.progress)
+                ppl = self.scorer.gen_ppl(nonblank, batch_size=self.batch_size, progress=False)
             row.update(gen_ppl=ppl["ppl"], gen_nll=ppl["nll"], gen_ppl_documents=ppl["samples"],
                        gen_ppl_tokens=ppl["tokens"])
         if self.reference_features is not None:
@@ -354,10 +359,10 @@ def reference_windows(dataset: Path, split: str, seq_len: int, num: int, mauve: 
     return windows
 
 
-def score_rows(sets: list[dict[str, Any]], row_scorer: RowScorer, progress: bool) -> list[dict[str, Any]]:
+def score_rows(sets: list[dict[str, Any]], row_scorer: RowScorer, hide_bars: bool | None) -> list[dict[str, Any]]:
     """Each sample set's row: its information (steps, NFE, speed, ...) and its metrics."""
     rows = []
-    for s in tqdm(sets, desc="scoring", disable=not progress):
+    for s in tqdm(sets, desc="scoring", unit="row", disable=hide_bars):
         name = s["model"] if s["steps"] is None else f"{s['model']} at {s['steps']} steps"
         rows.append({**{k: v for k, v in s.items() if k != "ids"}, **row_scorer(name, s["ids"])})
     return rows
@@ -400,7 +405,7 @@ def check_arguments(steps: Any, num_samples: int, batch_size: int, scorer: str, 
 def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", num_samples: int = 64,
          reference: str = "validation", out: str = "runs/eval", scorer: str = SMOLLM2, batch_size: int = 16,
          seed: int = 0, mauve: bool | str = True, expect_kind: str | None = None, data: str | None = None,
-         teacher: str | None = None, device: str = "auto", progress: bool | str = True,
+         teacher: str | None = None, device: str = "auto", progress: bool | str = "auto",
          protocol: str = "flm", prompt_tokens: int = 0) -> None:
     """Evaluate ``checkpoints`` (comma-separated ``PATH[:KIND]``) at every count in ``steps``.
 
@@ -408,7 +413,7 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
     a time (also the Gen PPL batch size); MAUVE and the data row use the split
     ``reference`` of the checkpoints' dataset, or of ``data``. ``scorer``: smollm2,
     none, a local model directory or hf:<hub id>. ``teacher`` overrides the FLM
-    teacher recorded in stage-1 maps. ``device``: auto (cuda:LOCAL_RANK if
+    teacher recorded in stage-1 maps. ``progress``: auto (bars only on a terminal), true or false. ``device``: auto (cuda:LOCAL_RANK if
     available, else cpu) or a torch device. ``protocol``: how Gen PPL is computed
     (:mod:`flm.eval.genppl`): "flm" (ours, the default: each document of a sample
     scored from the scorer's document-start token) or "paper" (the authors'
@@ -423,7 +428,9 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
     """
     num, batch_size = int(num_samples), int(batch_size)
     try:
-        use_mauve, progress = parse_bool("mauve", mauve), parse_bool("progress", progress)
+        use_mauve = parse_bool("mauve", mauve)
+        # tqdm's ``disable``: None hides the bars when stderr is not a terminal (logs, CI)
+        hide_bars = None if progress == "auto" else not parse_bool("progress", progress)
     except ConfigError as error:
         raise EvalArgumentError(str(error)) from None
     step_list = check_arguments(steps, num, batch_size, scorer, use_mauve, protocol)
@@ -448,8 +455,8 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
         if ranks.is_main:  # load the scorer and embed the reference before the (long) generation
             row_scorer = RowScorer(tokenizer, load_scorer(scorer, ranks.device),
                                    windows[0::2] if use_mauve else None, num, batch_size, seed, ranks.device,
-                                   progress, protocol, seq_len)
-        sets = generate_all(models, step_list, num, batch_size, seed, teacher, ranks, progress, prompts,
+                                   protocol, seq_len)
+        sets = generate_all(models, step_list, num, batch_size, seed, teacher, ranks, hide_bars, prompts,
                             prompt_tokens)
     finally:
         if dist.is_initialized():
@@ -475,7 +482,7 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
         "world_size": ranks.world, "device": str(ranks.device),
         "decoding": "samples cut at EOS; Gen PPL scores each non-blank document separately, MAUVE embeds "
                     "each sample with its documents joined by a blank line; entropy and distinct-n on token ids",
-        "rows": score_rows(sets, row_scorer, progress),
+        "rows": score_rows(sets, row_scorer, hide_bars),
     }
     paths = report.write(results, out_dir)
     print(report.markdown(results))
