@@ -88,9 +88,12 @@ class FlowConfig:
 
 @dataclass
 class DistillConfig:
-    """Flow-map distillation (method.md section 2)."""
+    """Distillation: FMLM stages (method.md section 2) and SDTT rounds (the discrete baseline)."""
 
-    teacher: str = ""  # FLM checkpoint (sharded dir or exported file); EMA weights are used
+    teacher: str = ""  # FLM (FMLM) or MDLM/SDTT (SDTT) checkpoint, dir or exported file; EMA weights
+    # SDTT only: the sampling steps N the teacher is distilled at; the student learns to
+    # match two teacher steps of size 1/N in one step of 2/N (N/2 steps). Halve it each round.
+    teacher_steps: int = 1024
     stage1: str = ""  # stage-2 only: the frozen stage-1 residual flow map
     boundary_prob: int = 64  # force (s, t) = (0, 1) with probability 1/boundary_prob
     # Learnable loss weighting loss * exp(-w) + w: "st" w(s, t), "s" w(s) (the authors'

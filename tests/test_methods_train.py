@@ -1,5 +1,5 @@
-"""MDLM and AR through run/train.py: exact resume on 2 processes and 2 -> 1, sampling at
-any step count, and one evaluation table with FLM, MDLM and AR rows."""
+"""MDLM, AR and an SDTT round through run/train.py: exact resume on 2 processes and 2 -> 1,
+sampling at any step count, and one evaluation table with FLM, MDLM, SDTT and AR rows."""
 
 from __future__ import annotations
 
@@ -22,8 +22,11 @@ def runs(tmp_path_factory, dataset) -> dict[str, object]:
     and the 2-process checkpoint at step 2 continued on 1 process."""
     root = tmp_path_factory.mktemp("methods")
     out = {}
-    for method in ("mdlm", "ar"):
+    for method in ("mdlm", "ar", "sdtt"):
         args = TINY + dataset + STEPS + [f"--objective={method}"]
+        if method == "sdtt":  # one round from the MDLM just trained: 8 teacher steps -> 4
+            teacher = out["mdlm"][0] / "checkpoints" / "step_00000004"
+            args += [f"--distill.teacher={teacher}", "--distill.teacher_steps=8"]
         full, split, one = root / method / "full", root / method / "split", root / method / "one"
         torchrun(2, args + ["--steps=4", f"--out_dir={full}"])
         torchrun(2, args + ["--steps=2", f"--out_dir={split}"])
@@ -37,7 +40,7 @@ def runs(tmp_path_factory, dataset) -> dict[str, object]:
     return out
 
 
-@pytest.mark.parametrize("method", ["mdlm", "ar"])
+@pytest.mark.parametrize("method", ["mdlm", "ar", "sdtt"])
 def test_exact_resume_and_world_size_change(runs, method):
     full, split, one = runs[method]
     reference = losses(full)
@@ -64,6 +67,7 @@ def test_samplers_of_the_baselines(runs):
 def test_flm_mdlm_and_ar_in_one_table(runs, tmp_path):
     checkpoints = ",".join(str(p) for p in (runs["flm"] / "checkpoints" / "step_00000002",
                                             runs["mdlm"][0] / "checkpoints" / "step_00000004",
+                                            runs["sdtt"][0] / "checkpoints" / "step_00000004",
                                             runs["ar"][0] / "checkpoints" / "step_00000004"))
     pytest.importorskip("matplotlib")
     evaluate(checkpoints, steps="1,2", num_samples=4, batch_size=2, scorer="none", mauve=False,
@@ -72,5 +76,6 @@ def test_flm_mdlm_and_ar_in_one_table(runs, tmp_path):
 
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(r["kind"], r["steps"], r["nfe"]) for r in rows] == [
-        ("flm", 1, 1), ("flm", 2, 2), ("mdlm", 1, 1), ("mdlm", 2, 2), ("ar", 32, 32), ("data", None, None)]
+        ("flm", 1, 1), ("flm", 2, 2), ("mdlm", 1, 1), ("mdlm", 2, 2), ("sdtt", 1, 1), ("sdtt", 2, 2),
+        ("ar", 32, 32), ("data", None, None)]
     assert all(r["entropy"] >= 0 for r in rows)

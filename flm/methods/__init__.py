@@ -12,6 +12,7 @@ from flm.methods.base import Batch, LossOutput, Method
 from flm.methods.flm import FLM
 from flm.methods.fmlm import FMLMStage1, FMLMStage2
 from flm.methods.mdlm import MDLM
+from flm.methods.sdtt import SDTT
 
 METHODS: dict[str, type[Method]] = {
     "flm": FLM,
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     "fmlm_stage2": FMLMStage2,
     "mdlm": MDLM,
     "ar": AR,
+    "sdtt": SDTT,
 }
 
 
