@@ -410,7 +410,8 @@ class _Shard:
 
     def frame(self, i: int, dctx: zstandard.ZstdDecompressor) -> np.ndarray:
         """Decompress frame ``i`` into a read-only token array."""
-        nbytes = min(self.frame_tokens, self.num_tokens - i * self.frame_tokens) * self.dtype.itemsize
+        nbytes = (self.frame_tokens if i < self.num_frames - 1
+                  else self.num_tokens - i * self.frame_tokens) * self.dtype.itemsize
         compressed = self.data[self.offsets[i]:self.offsets[i + 1]]
         try:
             declared = zstandard.frame_content_size(compressed)
@@ -451,6 +452,10 @@ class TokenDataset:
         self.num_documents: int = info["num_documents"]
         self._shard_infos = info["shards"]
         self._starts = np.cumsum([0] + [s["num_tokens"] for s in self._shard_infos]).tolist()
+        # every shard but the last holds shard_tokens (as written): the shard of a token is a division
+        shard_tokens = self.manifest.get("shard_tokens")
+        self._shard_tokens = shard_tokens if isinstance(shard_tokens, int) and shard_tokens > 0 and all(
+            s["num_tokens"] == shard_tokens for s in self._shard_infos[:-1]) else 0
         self._cache_frames = max(1, cache_bytes // (self.frame_tokens * self.dtype.itemsize))
         self._open()
 
@@ -504,12 +509,17 @@ class TokenDataset:
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(f"read [{start}, {start + length}) is outside split '{self.split}' "
                              f"of {self.num_tokens} tokens")
-        shard = bisect.bisect_right(self._starts, start) - 1
-        frame, offset = divmod(start - self._starts[shard], self.frame_tokens)
-        if offset + length <= self.frame_tokens:  # fast path: inside one frame (aligned windows)
+        if self._shard_tokens:
+            shard, position = divmod(start, self._shard_tokens)
+        else:
+            shard = bisect.bisect_right(self._starts, start) - 1
+            position = start - self._starts[shard]
+        frame, offset = divmod(position, self.frame_tokens)
+        stop = offset + length
+        if stop <= self.frame_tokens:  # fast path: inside one frame (aligned windows)
             tokens = self._frame(shard, frame)
-            if offset + length <= tokens.size:
-                return tokens[offset:offset + length].astype(dtype or self.dtype)
+            if stop <= tokens.size:
+                return tokens[offset:stop].astype(dtype or self.dtype)
         out = np.empty(length, dtype or self.dtype)
         done = 0
         while done < length:
