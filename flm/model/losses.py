@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 # float32 logits per chunk. On GPUs (memory to spare, launches and the per-chunk weight-gradient
 # update to amortise) 1 GiB: 5341 tokens at V = 50257 instead of all 65536 of an owt_small
-# micro-batch (13 GiB); elsewhere 128 MiB: 1048 tokens at V = 32000.
+# micro-batch (13 GiB); elsewhere 64 MiB: 524 tokens at V = 32000.
 CHUNK_BYTES = {"cuda": 1 << 30}
-DEFAULT_CHUNK_BYTES = 128 << 20
+DEFAULT_CHUNK_BYTES = 64 << 20
 
 
 class TokenLoss(NamedTuple):
