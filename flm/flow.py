@@ -159,18 +159,44 @@ def velocity(logits: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Te
     return (p - x.float()) / (1.0 - g).clamp_min(MIN_ONE_MINUS_G)
 
 
+class _Gram(torch.autograd.Function):
+    """G = W^T W with the one-matmul backward dL/dW = W (dL/dG + dL/dG^T).
+
+    Autograd's own backward of ``w.mT @ w`` is two V x d x d matmuls (one per operand);
+    this is one, so the Gram costs two instead of three.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w)
+        return w.mT @ w
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        return w @ (grad + grad.mT)
+
+
 def noise_factor(w_in: torch.Tensor) -> torch.Tensor:
     """A differentiable R (d x d, upper triangular) with R^T R = W_in^T W_in, float32.
 
-    R = chol(W_in^T W_in + delta I)^T, computed in float64 (the Gram matrix squares
-    W_in's condition number) with delta = 1e-12 mean(diag(W_in^T W_in)). Requires
+    The Gram matrix W_in^T W_in (the one V d^2 product of the shortcut, forward and
+    backward) is formed in float32 from W_in's values (bf16 weights are exact in
+    float32, so only the accumulation rounds: a covariance error of about
+    sqrt(V) 2^-24 relative to |W_in^T W_in|, below bf16's resolution); only the d x d
+    factorisation runs in float64, where the Gram's squared condition number is
+    harmless. R = chol(W_in^T W_in + delta I)^T with delta = 1e-12 mean(diag).
+    ``torch.linalg.cholesky_ex`` does not check its result on the host, so there is
+    no device sync per step; a Gram that is not positive definite (V < d, or a
+    collapsed W_in) gives an R of NaN, which the loss and gradient norm then show. Requires
     V >= d (W_in of full column rank).
     """
-    w = w_in.to(torch.float64)
-    gram = w.mT @ w
+    gram = _Gram.apply(w_in.float()).double()
     jitter = 1e-12 * gram.diagonal().mean().detach()
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.cholesky(gram + jitter * eye).mT.to(torch.float32)
+    factor, info = torch.linalg.cholesky_ex(gram + jitter * eye)
+    factor = torch.where(info == 0, factor, torch.nan)  # a failed factorisation as NaN, without a sync
+    return factor.mT.to(torch.float32)
 
 
 def _normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -51,13 +51,25 @@ def example_generators(seed: int, step: int, indices: torch.Tensor | range, devi
 
 
 def example_normal(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    """Standard normal (len(gens), *shape), example b drawn from ``gens[b]``."""
-    return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+    """Standard normal (len(gens), *shape), example b drawn from ``gens[b]``.
+
+    Drawn in place into one preallocated tensor (no per-example tensors and no
+    stack); example b holds exactly the values ``torch.randn(shape, generator=gens[b])``
+    would give, so the noise does not depend on how a batch is split over ranks.
+    """
+    out = torch.empty((len(gens), *shape), device=device)
+    for row, g in zip(out, gens):
+        row.normal_(generator=g)
+    return out
 
 
 def example_uniform(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    """U[0, 1) of shape (len(gens), *shape), example b drawn from ``gens[b]``."""
-    return torch.stack([torch.rand(shape, generator=g, device=device) for g in gens])
+    """U[0, 1) of shape (len(gens), *shape), example b drawn from ``gens[b]`` (in place, as
+    :func:`example_normal`: the values of ``torch.rand(shape, generator=gens[b])``)."""
+    out = torch.empty((len(gens), *shape), device=device)
+    for row, g in zip(out, gens):
+        row.uniform_(generator=g)
+    return out
 
 
 def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:

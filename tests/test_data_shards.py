@@ -106,8 +106,8 @@ def test_missing_manifest(make_tiny_dataset):
 
 def test_unknown_format_version(make_tiny_dataset):
     dataset = make_tiny_dataset()
-    _edit_manifest(dataset, lambda m: m.update(format_version=2))
-    with pytest.raises(DataFormatError, match="manifest.json: unsupported format_version 2; expected 1"):
+    _edit_manifest(dataset, lambda m: m.update(format_version=3))
+    with pytest.raises(DataFormatError, match="manifest.json: unsupported format_version 3; expected 1 or 2"):
         TokenDataset(dataset, "train")
     _edit_manifest(dataset, lambda m: m.pop("format_version"))
     with pytest.raises(DataFormatError, match=r"missing field 'format_version' \(expected int\)"):
@@ -254,4 +254,83 @@ def test_bad_framing_and_tokenizer_fields(make_tiny_dataset, edit, message):
     dataset = make_tiny_dataset()
     _edit_manifest(dataset, edit)
     with pytest.raises(DataFormatError, match=message):
+        TokenDataset(dataset, "train")
+
+
+# ------------------------------------------------------------------ format_version 2: zstd dictionary
+
+
+def test_frames_use_a_dictionary_trained_on_the_first_frames(make_tiny_dataset):
+    dataset = make_tiny_dataset(frame_tokens=16, shard_tokens=64)
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    info = manifest["compression"]["dictionary"]
+    data = (dataset / "zstd.dict").read_bytes()
+    assert info == {"file": "zstd.dict", "bytes": len(data), "sha256": sha256_file(dataset / "zstd.dict")}
+    dict_id = zstandard.ZstdCompressionDict(data).dict_id()
+    shard = (dataset / "train-00000.flm").read_bytes()
+    assert zstandard.get_frame_parameters(shard).dict_id == dict_id  # frame 0 needs the dictionary
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().decompress(shard)
+    tokens = TokenDataset(dataset, "train")
+    np.testing.assert_array_equal(tokens.read(0, tokens.num_tokens), packed_stream(random_documents(0, 60)))
+    tokens.verify()
+
+
+def test_format_version_1_without_dictionary_still_reads(tmp_path, tiny_tokenizer):
+    """dict_bytes=0 writes the frames version 1 wrote; with a version-1 manifest they read as before."""
+    documents = random_documents(4, 30)
+    _write(tmp_path / "v1", tiny_tokenizer, documents, dict_bytes=0)
+    assert not (tmp_path / "v1" / "zstd.dict").exists()
+
+    def to_version_1(m):
+        m.update(format_version=1, compression={"codec": "zstd", "level": 3})
+
+    _edit_manifest(tmp_path / "v1", to_version_1)
+    tokens = TokenDataset(tmp_path / "v1", "train")
+    np.testing.assert_array_equal(tokens.read(0, tokens.num_tokens), packed_stream(documents))
+    tokens.verify()
+
+
+def test_too_little_data_for_a_dictionary_writes_none(tmp_path, tiny_tokenizer):
+    manifest = _write(tmp_path / "small", tiny_tokenizer, random_documents(5, 1))
+    assert manifest["compression"]["dictionary"] is None and not (tmp_path / "small" / "zstd.dict").exists()
+    tokens = TokenDataset(tmp_path / "small", "train")
+    np.testing.assert_array_equal(tokens.read(0, tokens.num_tokens), packed_stream(random_documents(5, 1)))
+
+
+def test_dictionary_checksum_failure_is_named(make_tiny_dataset):
+    dataset = make_tiny_dataset()
+    path = dataset / "zstd.dict"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataFormatError, match=r"zstd\.dict: zstd dictionary of \d+ bytes, sha256 \w+, does not "
+                                              r"match the manifest's"):
+        TokenDataset(dataset, "train")
+    path.unlink()
+    with pytest.raises(DataFormatError, match=r"zstd\.dict: zstd dictionary listed in the manifest is missing"):
+        TokenDataset(dataset, "train")
+
+
+def test_frames_read_with_another_dictionary_fail_by_frame(make_tiny_dataset):
+    """Another (valid, checksummed) dictionary in place of the right one: reads fail naming the frame."""
+    dataset = make_tiny_dataset()
+    other = make_tiny_dataset("other", seed=7)
+    (dataset / "zstd.dict").write_bytes((other / "zstd.dict").read_bytes())
+    _edit_manifest(dataset, lambda m: m["compression"].update(
+        dictionary=json.loads((other / "manifest.json").read_text())["compression"]["dictionary"]))
+    tokens = TokenDataset(dataset, "train")
+    with pytest.raises(DataFormatError, match=r"train-00000\.flm: frame 0: corrupt zstd frame, or not of this "
+                                              r"dataset's dictionary"):
+        tokens.read(0, 16)
+
+
+def test_bad_compression_fields(make_tiny_dataset):
+    dataset = make_tiny_dataset()
+    _edit_manifest(dataset, lambda m: m["compression"]["dictionary"].update(file="../zstd.dict"))
+    with pytest.raises(DataFormatError, match=r"'compression\.dictionary\.file' must be a plain file name"):
+        TokenDataset(dataset, "train")
+    _edit_manifest(dataset, lambda m: m["compression"].update(codec="lz4"))
+    with pytest.raises(DataFormatError, match=r"field 'compression\.codec' is 'lz4', expected 'zstd'"):
         TokenDataset(dataset, "train")

@@ -3,7 +3,7 @@
 
     reader        random seq_len windows from compressed shards vs an uncompressed np.memmap
     pretokenize   pretokenize throughput and shard compression ratio on the embedded corpus
-    teacher_step  FLM training step: low-rank noise embedding vs the dense (B, L, V) path
+    teacher_step  FLM training step vs the token-lookup step (same output + loss) and the dense path
 
 Each command is a function registered in ``COMMANDS``.
 """
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from flm.data import TokenDataset, WindowDataset, tokenizer_path, write_dataset
-from flm.data.shards import DEFAULT_CACHE_BYTES, DEFAULT_FRAME_TOKENS, token_dtype
+from flm.data.shards import (DEFAULT_CACHE_BYTES, DEFAULT_DICT_BYTES, DEFAULT_FRAME_TOKENS, DEFAULT_LEVEL,
+                             DICT_SAMPLE_FRAMES, token_dtype)
 
 CORPUS_TEXT = Path("data/shakespeare/text")
 CORPUS_TOKENS = Path("data/shakespeare/tokens")
@@ -45,13 +46,22 @@ def _rates(num_tokens: int, fn: Callable[[], object]) -> tuple[float, float]:
     return num_tokens / wall / 1e6, num_tokens / cpu / 1e6
 
 
-def _bench_tokens(data: Path, num_tokens: int, seed: int, scratch: Path) -> tuple[np.ndarray, Path, int, int, str]:
-    """(tokens, tokenizer file, vocab_size, eos_id, description) of ``num_tokens`` benchmark tokens."""
+def _bench_tokens(data: Path, num_tokens: int, seed: int, scratch: Path,
+                  held_out: int = 0) -> tuple[np.ndarray, Path, int, int, str]:
+    """(tokens, tokenizer file, vocab_size, eos_id, description) of ``num_tokens`` benchmark tokens.
+
+    A real dataset is tiled to ``num_tokens``; its first ``held_out`` tokens (where the
+    writer trains its zstd dictionary), at most half of it, come once and only the rest
+    is tiled, so the dictionary is measured mostly on text it was not trained on.
+    """
     if (data / "manifest.json").is_file():
         real = TokenDataset(data, "train")
-        tokens = np.resize(real.read(0, real.num_tokens), num_tokens)
+        stream = real.read(0, real.num_tokens)
+        once = min(held_out, real.num_tokens // 2)
+        tokens = np.concatenate([stream[:once], np.resize(stream[once:], num_tokens - once)])
+        note = f", its first {once:,} once" if once else ""
         return (tokens, tokenizer_path(data), real.vocab_size, real.eos_id,
-                f"{data} train split ({real.num_tokens:,} tokens) tiled")
+                f"{data} train split ({real.num_tokens:,} tokens) tiled{note}")
     vocab_size, eos_id = 8192, 2
     placeholder = scratch / "no-tokenizer.model"
     placeholder.write_text("synthetic benchmark tokens; no tokenizer\n")
@@ -62,55 +72,80 @@ def _bench_tokens(data: Path, num_tokens: int, seed: int, scratch: Path) -> tupl
 
 def reader(data: str = str(CORPUS_TOKENS), tokens: int = 50_000_000, seq_len: int = 1024,
            windows: int = 50_000, frame_tokens: int = DEFAULT_FRAME_TOKENS,
-           cache_bytes: int = DEFAULT_CACHE_BYTES, seed: int = 0) -> None:
+           cache_bytes: int = DEFAULT_CACHE_BYTES, dict_bytes: int = DEFAULT_DICT_BYTES, repeats: int = 5,
+           fast_level: int = -1, seed: int = 0) -> None:
     """Tokens/s of random (WindowDataset-aligned) windows: compressed shards vs uncompressed memmap.
 
-    Both read the same ``tokens`` ids (the real dataset at ``data`` tiled, else Zipf
+    All read the same ``tokens`` ids (the real dataset at ``data`` tiled, else Zipf
     noise) and return int64 tensors, as ``WindowDataset`` does; one process, one core.
+    The shards are written three times: at the default level with a zstd dictionary of
+    ``dict_bytes`` (the default format), without one (the frames of format_version 1),
+    and at ``fast_level`` with the dictionary (faster to decode, compresses less: what
+    a reader-bound user could choose with ``pretokenize --level``). Each reader runs ``repeats``
+    times, interleaved with the others; speeds are per CPU second (robust to other load
+    on the machine), medians over the repeats, each ratio against the memmap's median.
     """
+    import statistics
+
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        stream, tokenizer, vocab_size, eos_id, description = _bench_tokens(Path(data), tokens, seed, scratch)
+        stream, tokenizer, vocab_size, eos_id, description = _bench_tokens(
+            Path(data), tokens, seed, scratch, held_out=DICT_SAMPLE_FRAMES * frame_tokens)
         documents = np.array_split(stream, max(1, tokens // 1_000_000))
-        write_dataset(scratch / "tokens", {"train": documents}, tokenizer, vocab_size, eos_id,
-                      frame_tokens=frame_tokens)
-        written = TokenDataset(scratch / "tokens", "train")
+        variants = {f"zstd{DEFAULT_LEVEL} dict": (DEFAULT_LEVEL, dict_bytes), f"zstd{DEFAULT_LEVEL}": (DEFAULT_LEVEL, 0),
+                    f"zstd{fast_level} dict": (fast_level, dict_bytes)}
+        stored = {}
+        for name, (level, nbytes) in variants.items():
+            manifest = write_dataset(scratch / name, {"train": documents}, tokenizer, vocab_size, eos_id,
+                                     frame_tokens=frame_tokens, level=level, dict_bytes=nbytes)
+            stored[name] = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"])
+        written = TokenDataset(scratch / next(iter(variants)), "train")
         np.save(scratch / "raw.npy", written.read(0, written.num_tokens))
         raw = np.load(scratch / "raw.npy", mmap_mode="r")
-        stored = sum(s["bytes"] for s in written.manifest["splits"]["train"]["shards"])
         picks = np.random.default_rng(seed).integers(0, written.num_tokens // seq_len, windows).tolist()
 
         def read_raw() -> None:
             for i in picks:
                 torch.from_numpy(raw[i * seq_len:(i + 1) * seq_len].astype(np.int64))
 
-        def read_compressed(dataset: TokenDataset) -> Callable[[], None]:
+        def read_compressed(name: str, cache: int) -> Callable[[], None]:
             def run() -> None:
+                dataset = TokenDataset(scratch / name, "train", cache)  # cold cache every run
                 window_dataset = WindowDataset(dataset, seq_len)
                 for i in picks:
                     window_dataset[i]
+                hit_rates[name, cache] = dataset.cache_hits / (dataset.cache_hits + dataset.cache_misses)
             return run
 
-        read_raw()  # warm the page cache for both files
-        read_compressed(TokenDataset(scratch / "tokens", "train", 0))()
-        raw_rate = _rates(windows * seq_len, read_raw)
-        compressed = TokenDataset(scratch / "tokens", "train", cache_bytes)  # cold cache
-        z_rate = _rates(windows * seq_len, read_compressed(compressed))
-        uncached = TokenDataset(scratch / "tokens", "train", cache_bytes=0)
-        uncached_rate = _rates(windows * seq_len, read_compressed(uncached))
-        lookups = compressed.cache_hits + compressed.cache_misses
+        hit_rates: dict[tuple[str, int], float] = {}
+        readers = {"uncompressed": read_raw}
+        for name in variants:
+            readers[f"{name} cached"] = read_compressed(name, cache_bytes)
+            readers[f"{name} no cache"] = read_compressed(name, 0)
+        for run in readers.values():  # warm the page cache for every file
+            run()
+        rates: dict[str, list[float]] = {name: [] for name in readers}
+        names = list(readers)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                rates[name].append(_rates(windows * seq_len, readers[name])[1])
+        med = {name: statistics.median(v) for name, v in rates.items()}
         itemsize = token_dtype(vocab_size).itemsize
+        raw_bytes = written.num_tokens * itemsize
         print(f"tokens:        {written.num_tokens:,} ({description})")
-        print(f"shards:        frame_tokens={frame_tokens}, {stored / 1e6:.1f} MB zstd vs "
-              f"{written.num_tokens * itemsize / 1e6:.1f} MB raw (ratio "
-              f"{written.num_tokens * itemsize / stored:.2f})")
-        print(f"workload:      {windows:,} random windows of seq_len={seq_len} (fixed seed {seed}), int64 tensors")
-        print("M tokens/s:      wall   per CPU-s   ratio (CPU)")
-        print(f"uncompressed:  {raw_rate[0]:6.1f}   {raw_rate[1]:9.1f}           np.memmap")
-        for name, rate, note in (("compressed:  ", z_rate, f"LRU cache {cache_bytes >> 20} MiB, hit rate "
-                                  f"{compressed.cache_hits / lookups:.1%}"),
-                                 ("  no cache:  ", uncached_rate, "every window decompresses its frame")):
-            print(f"{name}  {rate[0]:6.1f}   {rate[1]:9.1f}   {rate[1] / raw_rate[1]:5.2f}x   {note}")
+        print(f"shards:        frame_tokens={frame_tokens}, raw {raw_bytes / 1e6:.1f} MB; "
+              + ", ".join(f"{name} {stored[name] / 1e6:.1f} MB (ratio {raw_bytes / stored[name]:.2f})"
+                          for name in variants) + f"; dictionary {dict_bytes >> 10} KiB")
+        print(f"workload:      {windows:,} random windows of seq_len={seq_len} (fixed seed {seed}), int64 tensors; "
+              f"{repeats} interleaved runs each, medians")
+        print("M tokens per CPU-s:         median   ratio    runs")
+        for name in names:
+            ratio = "" if name == "uncompressed" else f"{med[name] / med['uncompressed']:5.2f}x"
+            note = "np.memmap" if name == "uncompressed" else (
+                f"LRU cache {cache_bytes >> 20} MiB, hit rate {hit_rates[name[:-7], cache_bytes]:.1%}"
+                if name.endswith("cached") else "every window decompresses its frame")
+            each = " ".join(f"{v:.0f}" for v in rates[name])
+            print(f"{name:24s} {med[name]:9.1f}  {ratio:>6s}   {each}   {note}")
 
 
 def pretokenize(text_dir: str = str(CORPUS_TEXT), vocab_size: int = 8192, workers: int | None = None,
@@ -132,26 +167,45 @@ def pretokenize(text_dir: str = str(CORPUS_TEXT), vocab_size: int = 8192, worker
         print(f"\npretokenize:   {summary['mb_per_s_per_worker']:.2f} MB text/s/worker "
               f"({summary['text_mb']:.1f} MB in {summary['tokenize_seconds']:.1f} s)")
         print(f"compression of the train split ({dataset.num_tokens:,} tokens, {raw_mb:.2f} MB as {stream.dtype}):")
+        print(f"  (dictionary: {DEFAULT_DICT_BYTES >> 10} KiB, trained on the first {DICT_SAMPLE_FRAMES} frames, "
+              "which are part of what is measured)")
         for frame_tokens in frame_sizes:
-            manifest = write_dataset(Path(tmp) / f"f{frame_tokens}", {"train": [stream]}, out / "tokenizer.model",
-                                     dataset.vocab_size, dataset.eos_id, frame_tokens=frame_tokens)
-            stored = manifest["splits"]["train"]["shards"][0]["bytes"]
-            default = "  (default)" if frame_tokens == DEFAULT_FRAME_TOKENS else ""
-            ratio = raw_mb * 1e6 / stored
-            print(f"  frame_tokens={frame_tokens:>6}: {stored / 1e6:6.2f} MB, ratio {ratio:.2f}{default}")
+            line = f"  frame_tokens={frame_tokens:>6}:"
+            for dict_bytes in (DEFAULT_DICT_BYTES, 0):
+                manifest = write_dataset(Path(tmp) / f"f{frame_tokens}-{dict_bytes}", {"train": [stream]},
+                                         out / "tokenizer.model", dataset.vocab_size, dataset.eos_id,
+                                         frame_tokens=frame_tokens, dict_bytes=dict_bytes)
+                stored = manifest["splits"]["train"]["shards"][0]["bytes"]
+                line += (f"  {'with' if dict_bytes else 'without'} dictionary {stored / 1e6:6.2f} MB, "
+                         f"ratio {raw_mb * 1e6 / stored:.2f}")
+            print(line + ("  (default)" if frame_tokens == DEFAULT_FRAME_TOKENS else ""))
 
 
-def _teacher_step_worker(low_rank: bool, vocab_size: int, seq_len: int, batch: int, dim: int, layers: int,
-                         steps: int, queue) -> None:
-    """One path in a fresh process, so that its peak RSS is its own."""
+TEACHER_PATHS = ("lookup", "low-rank", "dense", "lookup-logits")
+
+
+def _teacher_step_worker(path: str, vocab_size: int, seq_len: int, batch: int, dim: int, layers: int,
+                         steps: int, threads: int, queue) -> None:
+    """One path in a fresh process, so that its peak RSS is its own.
+
+    lookup         token ids embedded by lookup, loss from ``model(..., targets=ids)``: the cost
+                   of an MDLM step with the same V-way output and loss (the floor)
+    low-rank       the FLM teacher step, ``flm_loss`` (low-rank noise, chunked output + CE)
+    dense          the dense reference: eps (B, L, V), x_g formed, x_g @ W_in, (B, L, V) logits
+                   and ``F.cross_entropy`` (the teacher step before issue 10 without the shortcut)
+    lookup-logits  token lookup with (B, L, V) logits and ``F.cross_entropy`` (MDLM's loss today)
+    """
     import resource
 
-    from flm.config import ModelConfig
-    from flm.flow import get_tau
-    from flm.model import DiT
-    from flm.methods.flm import flm_loss
-    from flm.rng import example_generators
+    import torch.nn.functional as F
 
+    from flm.config import ModelConfig
+    from flm.flow import get_tau, interpolate
+    from flm.methods.flm import flm_loss
+    from flm.model import DiT
+    from flm.rng import example_generators, example_normal
+
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab_size, seq_len=seq_len, dim=dim, n_layers=layers, n_heads=max(1, dim // 64),
                       cond_dim=128)
@@ -160,53 +214,82 @@ def _teacher_step_worker(low_rank: bool, vocab_size: int, seq_len: int, batch: i
     tau = get_tau(vocab_size)
     ids = torch.randint(0, vocab_size, (batch, seq_len))
     index = torch.arange(batch)
+    cpu = torch.device("cpu")
+
+    def loss_of(i: int) -> torch.Tensor:
+        t = (index + 0.5) / batch
+        gens = example_generators(0, i, index, cpu)
+        if path == "low-rank":
+            return flm_loss(model, ids, t, tau, gens, low_rank_noise=True)[0]
+        if path == "lookup":
+            return model(ids, t, targets=ids).sum
+        if path == "dense":
+            eps = example_normal((seq_len, vocab_size), gens, cpu)
+            logits = model(interpolate(ids, eps, tau(t)), t)
+        else:  # lookup-logits
+            logits = model(ids, t)
+        return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="sum")
 
     def step(i: int) -> None:
-        t = (index + 0.5) / batch
-        loss, _ = flm_loss(model, ids, t, tau, example_generators(0, i, index, torch.device("cpu")), low_rank)
-        (loss / ids.numel()).backward()
+        (loss_of(i) / ids.numel()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step(-1)  # warm-up: allocator, optimizer state
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
+    wall, cpu_s = time.perf_counter(), time.process_time()
     for i in range(steps):
         step(i)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({"tokens_per_s": steps * batch * seq_len / seconds, "peak_rss_gib": peak / 2**20,
-               "step_s": seconds / steps, "params_m": model.num_params() / 1e6, "base_rss_gib": base / 2**20})
+    wall, cpu_s = time.perf_counter() - wall, time.process_time() - cpu_s
+    tokens = steps * batch * seq_len
+    queue.put({"tokens_per_cpu_s": tokens / cpu_s, "tokens_per_s": tokens / wall,
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "params_m": model.num_params() / 1e6})
 
 
 def teacher_step(vocab_size: int = 32000, seq_len: int = 256, batch: int = 8, dim: int = 256, layers: int = 4,
-                 steps: int = 5) -> None:
-    """Tokens/s and peak memory of the FLM training step (fwd + bwd + AdamW), CPU.
+                 steps: int = 3, repeats: int = 3, threads: int = 1, paths: tuple[str, ...] = TEACHER_PATHS) -> None:
+    """Tokens/s and peak memory of the FLM training step (fwd + bwd + AdamW) against its baselines, CPU.
 
-    "low-rank": x_g W_in = (1 - g) z R + g W_in[x] with z ~ N(0, I_d) per token (the
-    (B, L, V) noise is never built); "dense": eps ~ N(0, I) of shape (B, L, V), x_g
-    formed, x_g @ W_in. Each path runs in its own process; peak memory is that
-    process's max RSS (model, optimizer and activations included).
+    Every path (see ``_teacher_step_worker``) runs ``repeats`` times, each time in a fresh
+    process, interleaved (the order rotates every round) so that load from other jobs
+    falls on all paths alike; each run times ``steps`` steps after one warm-up step.
+    Speed is tokens per CPU second of the process (``time.process_time``, robust to a
+    shared machine; ``threads`` torch threads, 1 by default so that no CPU time is spent
+    spinning), memory the process's peak RSS (model, optimizer and activations
+    included). Medians over the repeats; the ratios are of medians.
     """
     import multiprocessing as mp
+    import statistics
 
+    paths = tuple(paths)
+    unknown = set(paths) - set(TEACHER_PATHS)
+    if unknown or "low-rank" not in paths:
+        sys.exit(f"bench: paths must include low-rank and be among {TEACHER_PATHS}, got {paths}")
     ctx = mp.get_context("spawn")
-    results = {}
-    for name, low_rank in (("dense", False), ("low-rank", True)):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_teacher_step_worker,
-                           args=(low_rank, vocab_size, seq_len, batch, dim, layers, steps, queue))
-        proc.start()
-        results[name] = queue.get()
-        proc.join()
-    d, r = results["dense"], results["low-rank"]
-    print(f"DiT {dim}x{layers} ({d['params_m']:.1f}M params), V={vocab_size}, L={seq_len}, batch {batch}, "
-          f"{steps} timed steps, {torch.get_num_threads()} threads")
-    print("path        tokens/s   step s   peak RSS GiB")
-    for name, x in results.items():
-        print(f"{name:10s} {x['tokens_per_s']:9.0f}  {x['step_s']:7.3f}   {x['peak_rss_gib']:8.2f}")
-    print(f"low-rank / dense: {r['tokens_per_s'] / d['tokens_per_s']:.2f}x tokens/s, "
-          f"{r['peak_rss_gib'] / d['peak_rss_gib']:.2f}x peak memory")
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    for r in range(repeats):
+        for name in paths[r % len(paths):] + paths[:r % len(paths)]:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_teacher_step_worker,
+                               args=(name, vocab_size, seq_len, batch, dim, layers, steps, threads, queue))
+            proc.start()
+            runs[name].append(queue.get())
+            proc.join()
+    med = {name: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for name, rs in runs.items()}
+    print(f"DiT {dim}x{layers} ({med['low-rank']['params_m']:.1f}M params), V={vocab_size}, L={seq_len}, "
+          f"batch {batch}, {steps} timed steps x {repeats} interleaved runs per path, {threads} thread(s); medians")
+    print("path           tokens/CPU-s  tokens/s (wall)  peak RSS GiB   runs (tokens/CPU-s)")
+    for name, m in med.items():
+        each = " ".join(f"{run['tokens_per_cpu_s']:.0f}" for run in runs[name])
+        print(f"{name:14s} {m['tokens_per_cpu_s']:12.0f}  {m['tokens_per_s']:15.0f}  {m['peak_rss_gib']:12.2f}   {each}")
+    r = med["low-rank"]
+    for name, what in (("lookup", "token-lookup step, same output + loss (target >= 0.91x)"),
+                       ("dense", "dense (B, L, V) path (memory target <= 0.5x)"),
+                       ("lookup-logits", "token lookup with (B, L, V) logits + F.cross_entropy")):
+        if name in med:
+            b = med[name]
+            print(f"low-rank / {name}: {r['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x tokens/CPU-s, "
+                  f"{r['peak_rss_gib'] / b['peak_rss_gib']:.2f}x peak memory   [{what}]")
 
 
 COMMANDS: dict[str, Callable[..., None]] = {"reader": reader, "pretokenize": pretokenize,

@@ -5,9 +5,10 @@ directory holds ``manifest.json`` (written last), the tokenizer file
 (``tokenizer.model`` or ``tokenizer.json``) and, per split, shard files
 ``<split>-<NNNNN>.flm``. A split is one stream of token ids (each document
 framed as the manifest's ``framing`` says, by default followed by EOS) cut into
-shards of ``shard_tokens`` tokens; a
-shard is a sequence of independent zstd frames of ``frame_tokens`` tokens, then
-a uint64 frame-offset index, then a 32-byte footer. ``write_dataset`` writes a
+shards of ``shard_tokens`` tokens; a shard is a sequence of independent zstd
+frames of ``frame_tokens`` tokens (compressed with a dictionary trained on the
+dataset's first frames, ``zstd.dict``), then a uint64 frame-offset index, then a
+32-byte footer. ``write_dataset`` writes a
 dataset atomically and deterministically; ``TokenDataset`` reads any token range
 of a split, decompressing only the frames it touches. Every integrity failure
 raises ``DataFormatError`` naming the file and the field or frame.
@@ -33,7 +34,8 @@ import numpy as np
 import zstandard
 
 FORMAT_NAME = "flm-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: frames may use a zstd dictionary (compression.dictionary)
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"  # the file name of the default kind, sentencepiece
 # Tokenizer kinds and the name of their file in a dataset: "gpt2" is GPT-2's BPE stored as a
@@ -46,6 +48,10 @@ DEFAULT_FRAME_TOKENS = 1024
 DEFAULT_SHARD_TOKENS = 1 << 26
 DEFAULT_LEVEL = 3
 DEFAULT_CACHE_BYTES = 32 << 20
+DICTIONARY_FILE = "zstd.dict"
+DEFAULT_DICT_BYTES = 32 << 10  # 0: no dictionary
+DICT_SAMPLE_FRAMES = 1024  # the dictionary is trained on the first frames written (1M tokens by default)
+DICT_SAMPLE_BYTES = 8 << 20  # ... or on fewer, if they hold more bytes than this
 
 _FOOTER = struct.Struct("<8sQQII")
 _MAGIC = b"FLMTOKS1"
@@ -138,17 +144,70 @@ class _ShardFile:
                 "bytes": self.offsets[-1] + len(tail), "sha256": self.hash.hexdigest()}
 
 
+class _FrameCompressor:
+    """zstd for every frame of a dataset, with a dictionary trained on its first frames.
+
+    Until ``DICT_SAMPLE_FRAMES`` frames or ``DICT_SAMPLE_BYTES`` have been seen (or the
+    first split ends) frames are held back; then the dictionary is trained on them (``dict_bytes`` bytes; none if
+    0, or if zstd cannot train one from so little data) and every frame is compressed
+    with it. Training is deterministic, so the dataset stays byte-identical.
+    """
+
+    def __init__(self, level: int, dict_bytes: int) -> None:
+        self.level, self.dict_bytes = level, dict_bytes
+        self.dictionary: bytes | None = None
+        self.ready = dict_bytes <= 0
+        self.samples: list[bytes] = []
+        self.sample_bytes = 0
+        self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+
+    def train(self) -> None:
+        if not self.ready and self.samples:
+            try:
+                trained = zstandard.train_dictionary(self.dict_bytes, self.samples, level=self.level, threads=0)
+            except zstandard.ZstdError:  # too few or too small samples: no dictionary
+                trained = None
+            if trained is not None:
+                self.dictionary = trained.as_bytes()
+                self._compressor = zstandard.ZstdCompressor(
+                    level=self.level, dict_data=zstandard.ZstdCompressionDict(self.dictionary),
+                    write_content_size=True, write_checksum=True, write_dict_id=True)
+        self.ready, self.samples, self.sample_bytes = True, [], 0
+
+    def add_sample(self, raw: bytes) -> bool:
+        """Keep a frame for training; True once there are enough."""
+        self.samples.append(raw)
+        self.sample_bytes += len(raw)
+        return len(self.samples) >= DICT_SAMPLE_FRAMES or self.sample_bytes >= DICT_SAMPLE_BYTES
+
+    def compress(self, raw: bytes) -> bytes:
+        return self._compressor.compress(raw)
+
+    def manifest_entry(self, directory: Path) -> dict[str, Any]:
+        """``compression`` of the manifest; writes the dictionary file if there is one."""
+        entry: dict[str, Any] = {"codec": "zstd", "level": self.level, "dictionary": None}
+        if self.dictionary is not None:
+            path = directory / DICTIONARY_FILE
+            with open(path, "wb") as f:
+                f.write(self.dictionary)
+                f.flush()
+                os.fsync(f.fileno())
+            entry["dictionary"] = {"file": DICTIONARY_FILE, "bytes": len(self.dictionary),
+                                   "sha256": hashlib.sha256(self.dictionary).hexdigest()}
+        return entry
+
+
 class _SplitWriter:
     """Packs the documents of one split into a stream of frames and shards."""
 
     def __init__(self, directory: Path, split: str, vocab_size: int, eos_id: int, bos_id: int | None,
-                 frame_tokens: int, shard_tokens: int, level: int) -> None:
+                 frame_tokens: int, shard_tokens: int, compressor: _FrameCompressor) -> None:
         self.directory, self.split = directory, split
         self.vocab_size, self.eos = vocab_size, np.array([eos_id])
         self.bos = None if bos_id is None else np.array([bos_id])
         self.frame_tokens, self.shard_tokens = frame_tokens, shard_tokens
-        self.compressor = zstandard.ZstdCompressor(level=level, write_content_size=True,
-                                                  write_checksum=True)
+        self.compressor = compressor
+        self.pending: list[bytes] = []  # raw frames held back until the dictionary is trained
         self.frame = np.empty(frame_tokens, token_dtype(vocab_size))
         self.fill = 0
         self.shards: list[dict[str, Any]] = []
@@ -180,11 +239,27 @@ class _SplitWriter:
                 self._flush_frame()
 
     def _flush_frame(self) -> None:
+        raw = self.frame[:self.fill].tobytes()
+        self.fill = 0
+        if self.compressor.ready:
+            self._write_frame(raw)
+            return
+        self.pending.append(raw)
+        if self.compressor.add_sample(raw):
+            self._release_pending()
+
+    def _release_pending(self) -> None:
+        self.compressor.train()
+        for raw in self.pending:
+            self._write_frame(raw)
+        self.pending = []
+
+    def _write_frame(self, raw: bytes) -> None:
         if self._shard is None:
             path = self.directory / f"{self.split}-{len(self.shards):05d}.flm"
             self._shard = _ShardFile(path, self.frame_tokens, self.frame.itemsize)
-        self._shard.add_frame(self.compressor.compress(self.frame[:self.fill].tobytes()), self.fill)
-        self.fill = 0
+        num_tokens = len(raw) // self.frame.itemsize
+        self._shard.add_frame(self.compressor.compress(raw), num_tokens)
         if self._shard.num_tokens == self.shard_tokens:
             self.shards.append(self._shard.close())
             self._shard = None
@@ -192,6 +267,7 @@ class _SplitWriter:
     def finish(self) -> dict[str, Any]:
         if self.fill:
             self._flush_frame()
+        self._release_pending()  # a first split shorter than the dictionary's sample
         if self._shard is not None:
             self.shards.append(self._shard.close())
         return {"num_tokens": sum(s["num_tokens"] for s in self.shards),
@@ -203,14 +279,17 @@ def write_dataset(out_dir: str | os.PathLike, splits: Mapping[str, Iterable[np.n
                   bos_id: int | None = None, pad_id: int | None = None, framing: str = "eos",
                   tokenizer_kind: str = "sentencepiece",
                   frame_tokens: int = DEFAULT_FRAME_TOKENS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                  level: int = DEFAULT_LEVEL, overwrite: bool = False) -> dict[str, Any]:
+                  level: int = DEFAULT_LEVEL, dict_bytes: int = DEFAULT_DICT_BYTES,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Write ``splits`` (name -> iterable of per-document token arrays) as a dataset at ``out_dir``.
 
     Every array is framed as ``framing`` says: "eos" appends ``eos_id``; "bos_eos"
     and "sentences" (whose arrays are single sentences) also prepend ``bos_id``.
     The tokenizer file is copied in as ``TOKENIZER_FILES[tokenizer_kind]``; ``pad_id``
-    is only recorded. Splits are consumed lazily, in order. The write is atomic
-    (see ``atomic_directory``) and deterministic. Returns the manifest.
+    is only recorded. Splits are consumed lazily, in order. Frames are compressed
+    with a zstd dictionary of ``dict_bytes`` (0: none) trained on the first
+    ``DICT_SAMPLE_FRAMES`` frames. The write is atomic (see ``atomic_directory``) and
+    deterministic. Returns the manifest.
     """
     if frame_tokens <= 0 or shard_tokens <= 0 or shard_tokens % frame_tokens:
         raise ValueError(f"shard_tokens ({shard_tokens}) must be a positive multiple of "
@@ -227,12 +306,12 @@ def write_dataset(out_dir: str | os.PathLike, splits: Mapping[str, Iterable[np.n
     tokenizer_file = TOKENIZER_FILES[tokenizer_kind]
     with atomic_directory(out_dir, overwrite) as tmp:
         shutil.copyfile(tokenizer_path, tmp / tokenizer_file)
-        infos = {}
+        infos, compressor = {}, _FrameCompressor(level, dict_bytes)
         for split, documents in splits.items():
             if not _SPLIT_NAME.match(split):
                 raise ValueError(f"split name {split!r} must match {_SPLIT_NAME.pattern}")
             writer = _SplitWriter(tmp, split, vocab_size, eos_id, None if framing == "eos" else bos_id,
-                                  frame_tokens, shard_tokens, level)
+                                  frame_tokens, shard_tokens, compressor)
             for document in documents:
                 writer.add_document(document)
             infos[split] = writer.finish()
@@ -243,7 +322,7 @@ def write_dataset(out_dir: str | os.PathLike, splits: Mapping[str, Iterable[np.n
             "vocab_size": vocab_size, "eos_id": eos_id, "bos_id": bos_id, "pad_id": pad_id,
             "framing": framing, "dtype": token_dtype(vocab_size).name,
             "frame_tokens": frame_tokens, "shard_tokens": shard_tokens,
-            "compression": {"codec": "zstd", "level": level}, "splits": infos,
+            "compression": compressor.manifest_entry(tmp), "splits": infos,
         }
         with open(tmp / MANIFEST_FILE, "w") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -292,8 +371,9 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     if _field(manifest, "format", str, "", path) != FORMAT_NAME:
         raise DataFormatError(f"{path}: field 'format' is {manifest['format']!r}, expected {FORMAT_NAME!r}")
     version = _field(manifest, "format_version", int, "", path)
-    if version != FORMAT_VERSION:
-        raise DataFormatError(f"{path}: unsupported format_version {version}; expected {FORMAT_VERSION} "
+    if version not in READABLE_VERSIONS:
+        raise DataFormatError(f"{path}: unsupported format_version {version}; expected "
+                              f"{' or '.join(map(str, READABLE_VERSIONS))} "
                               f"(re-create the dataset with this version's tools/pretokenize.py)")
     tokenizer_file = _field(_field(manifest, "tokenizer", dict, "", path), "file", str, "tokenizer.", path)
     if Path(tokenizer_file).name != tokenizer_file or tokenizer_file in ("", ".", ".."):
@@ -314,6 +394,20 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     if _field(manifest, "dtype", str, "", path) != token_dtype(vocab_size).name:
         raise DataFormatError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected "
                               f"{token_dtype(vocab_size).name!r} for vocab_size {vocab_size}")
+    if version >= 2:  # version 1 has no dictionary, and "compression" is informational there
+        compression = _field(manifest, "compression", dict, "", path)
+        if compression.get("codec") != "zstd":
+            raise DataFormatError(f"{path}: field 'compression.codec' is {compression.get('codec')!r}, "
+                                  "expected 'zstd'")
+        dictionary = compression.get("dictionary")
+        if dictionary is not None:
+            _field(compression, "dictionary", dict, "compression.", path)
+            file = _field(dictionary, "file", str, "compression.dictionary.", path)
+            if Path(file).name != file or file in ("", ".", ".."):
+                raise DataFormatError(f"{path}: field 'compression.dictionary.file' must be a plain file name, "
+                                      f"got {file!r}")
+            _field(dictionary, "bytes", int, "compression.dictionary.", path)
+            _field(dictionary, "sha256", str, "compression.dictionary.", path)
     frame_tokens = _field(manifest, "frame_tokens", int, "", path)
     if frame_tokens <= 0:
         raise DataFormatError(f"{path}: field 'frame_tokens' must be positive")
@@ -370,7 +464,8 @@ class _Shard:
 
     def frame(self, i: int, dctx: zstandard.ZstdDecompressor) -> np.ndarray:
         """Decompress frame ``i`` into a read-only token array."""
-        nbytes = min(self.frame_tokens, self.num_tokens - i * self.frame_tokens) * self.dtype.itemsize
+        nbytes = (self.frame_tokens if i < self.num_frames - 1
+                  else self.num_tokens - i * self.frame_tokens) * self.dtype.itemsize
         compressed = self.data[self.offsets[i]:self.offsets[i + 1]]
         try:
             declared = zstandard.frame_content_size(compressed)
@@ -378,7 +473,8 @@ class _Shard:
                 raise DataFormatError(f"{self.path}: frame {i}: header declares {declared} bytes, expected {nbytes}")
             raw = dctx.decompress(compressed)
         except zstandard.ZstdError as e:
-            raise DataFormatError(f"{self.path}: frame {i}: corrupt zstd frame ({e})") from None
+            raise DataFormatError(f"{self.path}: frame {i}: corrupt zstd frame, or not of this dataset's "
+                                  f"dictionary ({e})") from None
         if len(raw) != nbytes:
             raise DataFormatError(f"{self.path}: frame {i}: decompressed to {len(raw)} bytes, expected {nbytes}")
         return np.frombuffer(raw, self.dtype)
@@ -414,14 +510,37 @@ class TokenDataset:
         self.num_documents: int = info["num_documents"]
         self._shard_infos = info["shards"]
         self._starts = np.cumsum([0] + [s["num_tokens"] for s in self._shard_infos]).tolist()
+        # every shard but the last holds shard_tokens (as written): the shard of a token is a division
+        shard_tokens = self.manifest.get("shard_tokens")
+        self._shard_tokens = shard_tokens if isinstance(shard_tokens, int) and shard_tokens > 0 and all(
+            s["num_tokens"] == shard_tokens for s in self._shard_infos[:-1]) else 0
         self._cache_frames = max(1, cache_bytes // (self.frame_tokens * self.dtype.itemsize))
         self._open()
 
     def _open(self) -> None:
         self._shards = [_Shard(self.path / s["file"], s, self.frame_tokens, self.dtype) for s in self._shard_infos]
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._dctx = zstandard.ZstdDecompressor()
+        dictionary = self._dictionary()
+        self._dctx = zstandard.ZstdDecompressor(
+            dict_data=None if dictionary is None else zstandard.ZstdCompressionDict(dictionary))
         self.cache_hits = self.cache_misses = 0
+
+    def _dictionary(self) -> bytes | None:
+        """The zstd dictionary the frames were compressed with (format_version 2), checked against
+        the manifest's size and sha256; None if there is none."""
+        info = self.manifest.get("compression", {}).get("dictionary") if self.manifest["format_version"] >= 2 else None
+        if info is None:
+            return None
+        path = self.path / info["file"]
+        if not path.is_file():
+            raise DataFormatError(f"{path}: zstd dictionary listed in the manifest is missing")
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != info["bytes"] or digest != info["sha256"]:
+            raise DataFormatError(f"{path}: zstd dictionary of {len(data)} bytes, sha256 {digest}, does not match "
+                                  f"the manifest's {info['bytes']} bytes, sha256 {info['sha256']} "
+                                  "(corrupt or modified dictionary)")
+        return data
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_shards", "_cache", "_dctx")}
@@ -448,12 +567,17 @@ class TokenDataset:
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(f"read [{start}, {start + length}) is outside split '{self.split}' "
                              f"of {self.num_tokens} tokens")
-        shard = bisect.bisect_right(self._starts, start) - 1
-        frame, offset = divmod(start - self._starts[shard], self.frame_tokens)
-        if offset + length <= self.frame_tokens:  # fast path: inside one frame (aligned windows)
+        if self._shard_tokens:
+            shard, position = divmod(start, self._shard_tokens)
+        else:
+            shard = bisect.bisect_right(self._starts, start) - 1
+            position = start - self._starts[shard]
+        frame, offset = divmod(position, self.frame_tokens)
+        stop = offset + length
+        if stop <= self.frame_tokens:  # fast path: inside one frame (aligned windows)
             tokens = self._frame(shard, frame)
-            if offset + length <= tokens.size:
-                return tokens[offset:offset + length].astype(dtype or self.dtype)
+            if stop <= tokens.size:
+                return tokens[offset:stop].astype(dtype or self.dtype)
         out = np.empty(length, dtype or self.dtype)
         done = 0
         while done < length:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flm.config import Config
@@ -32,10 +31,11 @@ def shift_right(ids: torch.Tensor, start_id: int) -> torch.Tensor:
 
 
 def ar_loss(model: nn.Module, ids: torch.Tensor, start_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy token sum, and the per-token losses (B, L) detached."""
-    logits = model(shift_right(ids, start_id), torch.zeros(ids.shape[0], device=ids.device))
-    ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
-    return ce.sum(), ce.detach()
+    """Next-token cross-entropy token sum, and the per-token losses (B, L) detached.
+
+    The model computes the loss in chunks, without the (B, L, V) logits (``targets``)."""
+    loss = model(shift_right(ids, start_id), torch.zeros(ids.shape[0], device=ids.device), targets=ids)
+    return loss.sum, loss.per_token
 
 
 def next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flm.config import Config, FlowConfig, from_dict
@@ -36,7 +35,9 @@ def flm_loss(model: nn.Module, ids: torch.Tensor, t: torch.Tensor, tau: Tau,
     With ``low_rank_noise`` the model embeds x_g through the shortcut
     x_g W_in = (1 - g) z R + g W_in[x], z ~ N(0, I_d), R^T R = W_in^T W_in,
     never materialising the (B, L, V) noise; otherwise the dense state is built.
-    Example b's noise comes from ``gens[b]`` (see :func:`flm.rng.example_generators`).
+    Example b's noise comes from ``gens[b]`` (see :func:`flm.rng.example_normal`).
+    Either way the model is asked for the loss (``targets=ids``), which it computes
+    in chunks without holding the (B, L, V) logits (:mod:`flm.model.losses`).
 
     Returns (sum of token losses, per-example mean loss detached) -- the latter
     for the loss-by-t figures.
@@ -44,12 +45,11 @@ def flm_loss(model: nn.Module, ids: torch.Tensor, t: torch.Tensor, tau: Tau,
     g = tau(t)
     if low_rank_noise:
         z = example_normal((ids.shape[1], model.tok_emb.embedding_dim), gens, ids.device)
-        logits = model(ids, t, g=g, noise=z)
+        loss = model(ids, t, g=g, noise=z, targets=ids)
     else:
         eps = example_normal((ids.shape[1], model.tok_emb.num_embeddings), gens, ids.device)
-        logits = model(interpolate(ids, eps, g), t)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
-    return ce.sum(), ce.detach().mean(1)
+        loss = model(interpolate(ids, eps, g), t, targets=ids)
+    return loss.sum, loss.per_token.mean(1)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from flm.config import ModelConfig
 from flm.flow import embed_noisy_tokens
 from flm.model.attention import attention
+from flm.model.losses import TokenLoss, linear_cross_entropy
 
 _INIT_STD = 0.02
 
@@ -160,9 +161,17 @@ class FinalLayer(nn.Module):
         self.adaLN = nn.Linear(cfg.cond_dim, 2 * cfg.dim)
         self.linear = nn.Linear(cfg.dim, cfg.vocab_size)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def features(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The input of ``linear``: modulate(LN(h), shift(c), scale(c))."""
         shift, scale = self.adaLN(c)[:, None, :].chunk(2, dim=-1)
-        return self.linear(_modulate(_layer_norm(h), shift, scale))
+        return _modulate(_layer_norm(h), shift, scale)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(h, c))
+
+    def loss(self, h: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> TokenLoss:
+        """Cross entropy of ``forward(h, c)`` against ``targets`` without the (B, L, V) logits."""
+        return linear_cross_entropy(self.features(h, c), self.linear.weight, self.linear.bias, targets)
 
 
 class DiT(nn.Module):
@@ -215,7 +224,8 @@ class DiT(nn.Module):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | TokenLoss:
         """Logits D(x, t) (or g(x, s=t, t=t2) for a two-time model), shape (B, L, V).
 
         x: LongTensor ids (B, L), looked up as e(x) @ W_in = W_in[x]; or a float dense
@@ -227,6 +237,9 @@ class DiT(nn.Module):
         (unsharded under FSDP2). t, t2: (B,) in [0, 1].
         ``cache`` (causal models, ids only): x holds the positions after those already
         cached (see :class:`KVCache`); the cache advances by x's length.
+        ``targets`` (B, L) ids: return their cross entropy under the logits instead,
+        a :class:`flm.model.losses.TokenLoss` computed in chunks without the (B, L, V)
+        logits (here, so that the output layer is unsharded under FSDP2).
         """
         w_in = self.tok_emb.weight
         if g is not None:
@@ -235,12 +248,13 @@ class DiT(nn.Module):
             h = x.to(w_in.dtype) @ w_in[: x.shape[-1]]
         else:
             h = self.tok_emb(x)
-        return self.forward_embedded(h, t, t2, cache=cache)
+        return self.forward_embedded(h, t, t2, cache=cache, targets=targets)
 
     def forward_embedded(
-        self, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> torch.Tensor:
-        """Logits from an already embedded input h = x @ W_in of shape (B, L, d)."""
+        self, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None, cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | TokenLoss:
+        """Logits (or, with ``targets``, their TokenLoss) from an embedded input h = x @ W_in (B, L, d)."""
         c = self.condition(t, t2)
         start = 0 if cache is None else cache.length
         rope = rotary(start + h.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.device)[start:]
@@ -248,7 +262,7 @@ class DiT(nn.Module):
             h = block(h, c, rope) if cache is None else block(h, c, rope, (cache, i))
         if cache is not None:
             cache.length += h.shape[1]
-        return self.final(h, c)
+        return self.final(h, c) if targets is None else self.final.loss(h, c, targets)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count; ``exclude_embedding`` leaves out W_in (V x d) but keeps the output layer."""
