@@ -87,6 +87,10 @@ class DistillConfig:
     stage1: str = ""  # stage-2 only: the frozen stage-1 residual flow map
     boundary_prob: int = 64  # force (s, t) = (0, 1) with probability 1/boundary_prob
     learn_weighting: bool = True  # loss * exp(-w(s, t)) + w(s, t)
+    # The frozen teacher (and stage-1 map) on every rank: "replicated" = a full copy in the
+    # compute dtype, no communication; "sharded" = FSDP2 like the student, an all-gather of
+    # every block on each of their forwards (less memory). tools/memplan.py shows both.
+    frozen_placement: Literal["replicated", "sharded"] = "replicated"
 
 
 @dataclass
