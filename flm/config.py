@@ -102,7 +102,7 @@ class DistConfig:
     replicate: int = 1
     activation_checkpointing: Literal["off", "full", "selective"] = "off"
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (flm.distributed.compile_blocks, inductor)
 
 
 @dataclass
