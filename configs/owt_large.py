@@ -11,22 +11,12 @@ embedding: model.time_scale=1).
 Parameters: 1.491B (1.284B in blocks, 53.5M per block; 103M each for W_in and the
 output layer). Training FLOPs: 8.47 GFLOP per token (6N + attention).
 
-Per-GPU memory plan (H100 80 GB; 32 GPUs; global batch 512 -> 16 sequences of
-1024 tokens per GPU per step; shard group = the node's 8 GPUs):
-  fp32 parameters / 8 ............................... 0.75 GB
-  fp32 gradients / 8 ................................ 0.75 GB
-  AdamW moments (2 x fp32) / 8 ...................... 1.50 GB
-  EMA (fp32) / 8 .................................... 0.75 GB
-  unsharded bf16 params in flight (root: W_in + output
-    2 x 206 MB; 2 blocks x 107 MB incl. prefetch) ... 0.63 GB
-  activations, selective checkpointing (matmul and
-    attention outputs kept: ~10 d bf16 per token per
-    block = 16384 x 2048 x 10 x 2 B x 24 blocks) .... 16.1 GB
-  logits 16384 x 50258 (bf16 output, fp32 upcast and
-    its gradient) ................................... 8.2 GB
-  low-rank noise z (16384 x 2048 fp32) .............. 0.13 GB
-  total ~29 GB (+ allocator slack). With dist.activation_checkpointing=full the
-  activations drop to ~1.6 GB of block inputs + ~2.3 GB for one recomputed block.
+Memory per GPU, GiB (tools/memplan.py): 4 node(s) x 8 GPUs, micro-batch 16 x 1,
+  checkpointing selective:
+  before the step: params 0.69, optimizer 1.39, ema 0.69
+  peak 29.69 (budget 70) in micro-batch 1/1 (backward): the above + (B,L,V) 9.20, activations 17.71
+  largest micro-batch within 70: 16 (all of the per-GPU batch), peak 29.69
+Checkpointing off / full: 49.2 / 14.7 GiB. Regenerate with `python tools/memplan.py configs/owt_large.py`.
 """
 
 from flm.config import Config, DataConfig, DistConfig, ModelConfig, OptimConfig

@@ -104,6 +104,10 @@ class DistillConfig:
     # mode (train: dropout active, as in the released code); False puts the student in
     # eval mode for them (flm.flow_map.fmlm_stage1_loss).
     target_dropout: bool = True
+    # The frozen teacher (and stage-1 map) on every rank: "replicated" = a full copy in the
+    # compute dtype, no communication; "sharded" = FSDP2 like the student, an all-gather of
+    # every block on each of their forwards (less memory). tools/memplan.py shows both.
+    frozen_placement: Literal["replicated", "sharded"] = "replicated"
 
     @staticmethod
     def upgrade(data: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +128,7 @@ class DistConfig:
     replicate: int = 1
     activation_checkpointing: Literal["off", "full", "selective"] = "off"
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (flm.distributed.compile_blocks, inductor)
 
 
 @dataclass

@@ -122,6 +122,21 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         model.blocks[i] = wrap(block)
 
 
+def compile_blocks(model: nn.Module, enabled: bool, backend: str = "inductor") -> None:
+    """``torch.compile`` every ``model.blocks[i]`` (``dist.compile``).
+
+    torchtitan's order: after activation checkpointing (the checkpointed block is traced
+    whole, checkpoint region included) and before ``fully_shard``, so FSDP's hooks --
+    all-gather before a block, reshard after -- stay outside the compiled graphs, and
+    every block, having the same structure, reuses one compiled graph. Parameter names
+    gain ``_orig_mod.``, which :func:`clean_fqn` and DCP's state-dict helpers remove.
+    """
+    if not enabled:
+        return
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block, backend=backend)
+
+
 def mixed_precision(mode: str) -> MixedPrecisionPolicy:
     """bf16 compute with fp32 master weights and fp32 gradient reduction.
 

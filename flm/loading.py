@@ -12,6 +12,8 @@ own metadata classes; exported files load with ``weights_only=True``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 import pickle
@@ -93,18 +95,22 @@ def fingerprint(path: str | Path) -> str:
     """A short content hash identifying a checkpoint (a teacher in provenance records).
 
     For a DCP directory, the sha256 of its ``.metadata`` (which lists every
-    stored shard) and ``COMPLETE`` marker; for an exported file, of the file.
+    stored shard) and ``COMPLETE`` marker; for an exported file, of the file
+    (computed in the same pass that loads it, see :func:`_read_export`).
     """
-    import hashlib
-
     path = Path(path)
+    if not path.is_dir():
+        return _load_export(path)["fingerprint"]
     h = hashlib.sha256()
-    files = [path / ".metadata", path / COMPLETE] if path.is_dir() else [path]
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    for f in (path / ".metadata", path / COMPLETE):
+        _hash_file(f, h)
     return h.hexdigest()[:16]
+
+
+def _hash_file(path: Path, h) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -172,25 +178,51 @@ def export(path: str | Path, out: str | Path, which: str = "ema") -> Path:
 
 
 def _load_export(path: Path) -> dict[str, Any]:
+    """An exported file's config, provenance, weights and fingerprint, read once per process.
+
+    Distillation asks for a teacher's config, fingerprint and weights separately; the
+    file is read on the first call and the result is kept (keyed by the file's path,
+    inode, size and mtime, so a rewritten file is read again).
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint directory or exported file")
-    if path.suffix == ".safetensors":
+    st = path.stat()
+    return _read_export(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_export(path: str, inode: int, size: int, mtime_ns: int) -> dict[str, Any]:
+    """One read of an exported file: its bytes are hashed in one sequential pass (the
+    fingerprint), then ``.pt`` files are loaded with ``mmap=True``: the tensors map the
+    file, whose pages the hash has just brought into the page cache, so the weights are
+    not read from storage a second time nor copied until a model takes them."""
+    del inode, size, mtime_ns  # cache key only
+    file = Path(path)
+    h = hashlib.sha256()
+    _hash_file(file, h)
+    out: dict[str, Any] = {"fingerprint": h.hexdigest()[:16]}
+    if file.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), "pt") as f:
+        with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
         if "config" not in meta:
-            raise CheckpointError(f"{path} has no flm config in its metadata")
-        return {"config": meta["config"], "provenance": meta.get("provenance", "{}"),
-                "model": load_file(str(path))}
+            raise CheckpointError(f"{file} has no flm config in its metadata")
+        return out | {"config": meta["config"], "provenance": meta.get("provenance", "{}"),
+                      "model": load_file(path)}
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # files in torch's legacy (non-zip) format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is a bad file
-        raise CheckpointError(f"{path} is not an flm export (weights-only load failed: {e})") from None
+        raise CheckpointError(f"{file} is not an flm export (weights-only load failed: {e})") from None
     if not isinstance(data, dict) or not {"config", "model"} <= set(data):
-        raise CheckpointError(f"{path} is not an flm export (expected keys config, model)")
-    return data
+        raise CheckpointError(f"{file} is not an flm export (expected keys config, model)")
+    return out | data
 
 
 def model_config_of(path: str | Path) -> ModelConfig:
@@ -208,26 +240,83 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", which: str 
     return net.eval()
 
 
-def load_frozen(path: str | Path, mesh, precision: str, device: torch.device) -> torch.nn.Module:
-    """A frozen network with the EMA weights of ``path``, sharded over ``mesh`` with FSDP2
-    (a teacher inside a distributed training step); ``mesh=None`` is :func:`load_model`."""
+FROZEN_PLACEMENTS = ("replicated", "sharded")
+
+
+def frozen_skeleton(cfg: ModelConfig, mesh, precision: str, device: torch.device,
+                    placement: str = "sharded") -> torch.nn.Module:
+    """A frozen DiT with uninitialised weights, placed as a distributed step runs it.
+
+    ``placement="sharded"``: FSDP2 over ``mesh`` like the student (each forward
+    all-gathers the weights block by block); ``"replicated"``: a full copy on
+    ``device`` with no FSDP (fp32 here; :class:`flm.methods.fmlm` casts it to the
+    compute dtype once the student has been initialised from it).
+    """
+    from flm.distributed import shard_model
+    from flm.model import DiT
+
+    if placement not in FROZEN_PLACEMENTS:
+        raise ValueError(f"distill.frozen_placement={placement!r}: expected one of {FROZEN_PLACEMENTS}")
+    with torch.device("meta"):
+        net = DiT(cfg)
+    if placement == "sharded":
+        shard_model(net, mesh, precision)
+        net.to_empty(device=device)
+    else:
+        _replace_params(net, lambda p: torch.empty_like(p, device=device))  # to_empty
+    net.requires_grad_(False)
+    return net.eval()
+
+
+def cast_frozen(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``net.to(dtype)`` for a frozen, unsharded network."""
+    return _replace_params(net, lambda p: p.detach().to(dtype))
+
+
+@torch.no_grad()
+def _replace_params(net: torch.nn.Module, fn) -> torch.nn.Module:
+    """Replace every parameter p by ``fn(p)`` (frozen). What ``Module.to_empty`` / ``.to`` do,
+    by assignment: they cannot swap parameters that are fake tensors (:mod:`flm.memplan`)."""
+    for module in net.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(fn(p), requires_grad=False))
+    return net
+
+
+def load_frozen(path: str | Path, mesh, precision: str, device: torch.device,
+                placement: str = "sharded") -> torch.nn.Module:
+    """A frozen network with the EMA weights of ``path`` inside a distributed training
+    step, placed by :func:`frozen_skeleton`; ``mesh=None`` is :func:`load_model`."""
     if mesh is None:
         return load_model(path, device)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from flm.distributed import shard_model
-    from flm.model import DiT
-
     path = Path(path)
-    with torch.device("meta"):
-        net = DiT(model_config_of(path))
-    shard_model(net, mesh, precision)
-    net.to_empty(device=device)
-    if path.is_dir():  # each rank reads just its shards
+    net = frozen_skeleton(model_config_of(path), mesh, precision, device, placement)
+    names = [n for n, _ in net.named_parameters()]
+    if placement == "replicated":  # every rank reads every weight
+        net.load_state_dict(load_weights(path, names))
+    elif path.is_dir():  # each rank reads just its shards
         dcp.load({"ema": {n: p.detach() for n, p in net.named_parameters()}},
                  storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
     else:
-        full = load_weights(path, [n for n, _ in net.named_parameters()])
-        set_model_state_dict(net, full, options=StateDictOptions(full_state_dict=True))
-    net.requires_grad_(False)
-    return net.eval()
+        set_model_state_dict(net, load_weights(path, names), options=StateDictOptions(full_state_dict=True))
+    return net
+
+
+class FrozenLoader:
+    """Where distillation's frozen networks come from, given their checkpoint paths.
+
+    The default reads checkpoints (:func:`read_config`, :func:`fingerprint`,
+    :func:`load_frozen`); :mod:`flm.memplan` passes one that builds the networks
+    on fake tensors from config files, with no checkpoint on disk.
+    """
+
+    def config(self, path: str | Path) -> dict[str, Any]:
+        return read_config(path)
+
+    def fingerprint(self, path: str | Path) -> str:
+        return fingerprint(path)
+
+    def load(self, path: str | Path, mesh, precision: str, device: torch.device, placement: str) -> torch.nn.Module:
+        return load_frozen(path, mesh, precision, device, placement)

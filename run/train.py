@@ -22,7 +22,7 @@ import torch
 from flm import checkpoint as ckpt
 from flm.config import Config, load_config
 from flm.data import Tokenizer, build_loader
-from flm.distributed import (all_reduce_sum, apply_activation_checkpointing, build_mesh,
+from flm.distributed import (all_reduce_sum, apply_activation_checkpointing, build_mesh, compile_blocks,
                              init_distributed, materialize, shard_model)
 from flm.methods import METHODS, Batch
 from flm.methods.base import loss_by_bucket
@@ -58,7 +58,7 @@ def train(config: str | None = None, **overrides) -> None:
                           vocab_size=cfg.model.vocab_size)
     tokenizer = Tokenizer.load(cfg.data.path)  # the dataset's, checked against its manifest
 
-    # ---- model: meta -> activation checkpointing -> fully_shard -> materialise -> init ----
+    # ---- model: meta -> activation checkpointing -> compile -> fully_shard -> materialise -> init ----
     mesh = build_mesh(info, cfg.dist.replicate)
     select_backend(device)  # before any forward: never probe inside a checkpointed block
     torch.manual_seed(cfg.seed)
@@ -69,6 +69,7 @@ def train(config: str | None = None, **overrides) -> None:
     with torch.device("meta"):
         model = DiT(cfg.model)
     apply_activation_checkpointing(model, cfg.dist.activation_checkpointing)
+    compile_blocks(model, cfg.dist.compile)
     shard_model(model, mesh, cfg.dist.mixed_precision)
     materialize(model, device, reference=lambda: DiT(cfg.model))
     method.init_model(model)
