@@ -297,7 +297,7 @@ def trained_model(cfg: Config, resolve: ConfigResolver) -> ModelConfig:
     """``cfg.model`` as the method's ``build`` sets it (a distillation student takes its
     teacher's backbone), without loading or building any network."""
     c = copy.deepcopy(cfg)
-    c.distill.learn_weighting = False  # nothing to shard
+    c.distill.weighting = "none"  # nothing to shard
     method_cls = METHODS[c.objective]
     kwargs = {"frozen_loader": _ConfigOnly(resolve)} if _takes_frozen_loader(method_cls) else {}
     method_cls.build(c, None, torch.device("cpu"), **kwargs)

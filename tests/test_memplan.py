@@ -21,7 +21,11 @@ def test_every_config_runs_its_training_step_at_full_shape(path):
     nodes, gpus = memplan.intended_layout(path)
     p = memplan.plan(load_config(path), nodes, gpus, configs_dir=path.parent, name=path.name)
     assert p.peak > sum(p.persistent.values()) > 0
-    assert p.at_peak.get(memplan.Mem.VOCAB.value, 0) > 0  # the logits are counted where they belong
+    vocab = p.at_peak.get(memplan.Mem.VOCAB.value, 0)
+    if p.objective in ("flm", "ar"):  # the chunked output + loss holds one chunk of logits at most
+        assert vocab <= 1.1 * 2**30, p.report()
+    else:  # dense states and probabilities (distillation, MDLM) are counted where they belong
+        assert vocab > 0, p.report()
     assert p.fits(), p.report()
     assert not any("assumed" in note for note in p.notes), p.notes  # frozen nets come from config files
 
