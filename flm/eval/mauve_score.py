@@ -20,8 +20,12 @@ the embedder.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import json
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,27 @@ def choose_num_clusters(num_p: int, num_q: int) -> int:
     return max(2, min(round(min(num_p, num_q) / 10), MAX_CLUSTERS))
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Silence what C++ code writes to the process's stderr for the duration.
+
+    Silenced here: faiss's k-means prints "WARNING clustering N points to K centroids:
+    please provide at least M training points" (from C++, not through Python's warnings)
+    for every MAUVE row whenever N < 39 K -- i.e. for any table of fewer than ~40 samples
+    per cluster. The number of clusters is in every table's caption; nothing else is
+    written by the k-means, so nothing else is lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def mauve_from_features(
     p_features: np.ndarray,
     q_features: np.ndarray,
@@ -106,14 +131,15 @@ def mauve_from_features(
     if len(p_features) < 2 or len(q_features) < 2:
         raise ValueError("MAUVE needs at least two texts on each side")
     k = choose_num_clusters(len(p_features), len(q_features)) if num_clusters == "auto" else int(num_clusters)
-    result = mauve_lib.compute_mauve(
-        p_features=np.asarray(p_features, dtype=np.float32),
-        q_features=np.asarray(q_features, dtype=np.float32),
-        num_buckets=k,
-        seed=seed,
-        device_id=-1,
-        verbose=False,
-    )
+    with _native_stderr_silenced():
+        result = mauve_lib.compute_mauve(
+            p_features=np.asarray(p_features, dtype=np.float32),
+            q_features=np.asarray(q_features, dtype=np.float32),
+            num_buckets=k,
+            seed=seed,
+            device_id=-1,
+            verbose=False,
+        )
     return {
         "mauve": float(result.mauve),
         "num_clusters": k,
