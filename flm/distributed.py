@@ -122,19 +122,26 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         model.blocks[i] = wrap(block)
 
 
-def compile_blocks(model: nn.Module, enabled: bool, backend: str = "inductor") -> None:
-    """``torch.compile`` every ``model.blocks[i]`` (``dist.compile``).
+def compile_blocks(model: nn.Module, enabled: bool, device: torch.device, backend: str = "inductor") -> None:
+    """``torch.compile`` every ``model.blocks[i]`` (``dist.compile``), whole-graph.
 
     torchtitan's order: after activation checkpointing (the checkpointed block is traced
     whole, checkpoint region included) and before ``fully_shard``, so FSDP's hooks --
     all-gather before a block, reshard after -- stay outside the compiled graphs, and
     every block, having the same structure, reuses one compiled graph. Parameter names
     gain ``_orig_mod.``, which :func:`clean_fqn` and DCP's state-dict helpers remove.
+
+    The attention kernel for ``device`` is chosen here, outside any graph: choosing it
+    is a graph break, and a graph break inside a checkpointed region would leave the
+    whole block uncompiled (``fullgraph=True`` makes that an error instead).
     """
     if not enabled:
         return
+    from flm.model.attention import attention_backend
+
+    attention_backend(device)
     for i, block in enumerate(model.blocks):
-        model.blocks[i] = torch.compile(block, backend=backend)
+        model.blocks[i] = torch.compile(block, backend=backend, fullgraph=True)
 
 
 def mixed_precision(mode: str) -> MixedPrecisionPolicy:

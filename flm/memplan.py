@@ -22,10 +22,13 @@ CUDA side: the caching allocator's rounding and fragmentation, the CUDA context,
 NCCL's buffers -- hence a budget below the card's size (:data:`BUDGET_GIB`).
 
 Frozen networks of distillation come from checkpoints that need not exist: their
-configs are the config files of ``configs/`` whose ``out_dir`` holds the
-checkpoint path (else the checkpoint's own config, if it exists), built on fake
+configs are the checkpoint's own if it exists, else the config file of
+``configs/`` whose ``out_dir`` holds the checkpoint path; they are built on fake
 tensors and placed exactly as :func:`flm.loading.frozen_skeleton` places them in
-training. :func:`measure` runs the same step on real tensors (2 CPU processes,
+training (through the ``frozen_loader`` seam of the distillation methods' ``build``).
+
+The step (:func:`_step`) is run/train.py's step written out again, since the loop
+there is one function: a change to what the loop does per step belongs here too. :func:`measure` runs the same step on real tensors (2 CPU processes,
 gloo) and reads the allocator's peak from the profiler: the test that the two
 agree is ``tests/test_memplan.py``. ``tools/memplan.py`` is the command line.
 """
@@ -49,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _RefType
 
-from flm.config import Config, ModelConfig, load_config
+from flm.config import Config, ModelConfig, from_dict, load_config
 from flm.distributed import (DistInfo, apply_activation_checkpointing, build_mesh, local_tensor, materialize,
                              shard_model)
 from flm.loading import FrozenLoader, frozen_skeleton, read_config
@@ -60,8 +63,9 @@ from flm.optim import EMA, build_optimizer, clip_grad_norm
 from flm.rng import example_generators, step_generator
 
 GIB = 2**30
-DEVICE_GIB = 79.6  # an "80 GB" H100/A100: 81,559 MiB
-BUDGET_GIB = 70.0  # what a plan may use: ~10 GiB for the CUDA context, NCCL and allocator fragmentation
+# What a plan may use of an "80 GB" H100/A100 (79.6 GiB): ~10 GiB are left for the CUDA
+# context, NCCL's buffers and the caching allocator's fragmentation, which are not counted.
+BUDGET_GIB = 70.0
 
 
 class Mem(_RefType):
@@ -249,7 +253,8 @@ def _run_dir(checkpoint: str) -> str:
 
 class ConfigResolver:
     """The config a checkpoint path was (or will be) trained with, without reading weights:
-    the config file whose ``out_dir`` holds it, else the checkpoint's stored config."""
+    the checkpoint's stored config if it exists, else the config file whose ``out_dir``
+    holds the path."""
 
     def __init__(self, configs_dir: Path | None) -> None:
         self.by_out_dir = _config_files(configs_dir)
@@ -259,12 +264,12 @@ class ConfigResolver:
     def __call__(self, path: str) -> dict[str, Any] | None:
         if path not in self.cache:
             file = self.by_out_dir.get(_run_dir(path))
-            if file is not None:
+            if Path(path).exists():
+                self.cache[path], self.sources[path] = read_config(path), "the checkpoint's config"
+            elif file is not None:
                 cfg = load_config(file)
                 cfg.model = trained_model(cfg, self)
                 self.cache[path], self.sources[path] = cfg.to_dict(), f"{file.name} (out_dir {cfg.out_dir})"
-            elif Path(path).exists():
-                self.cache[path], self.sources[path] = read_config(path), "the checkpoint's config"
             else:
                 return None
         return self.cache[path]
@@ -314,7 +319,7 @@ class _SkeletonLoader(_ConfigOnly):
         self.fake, self.built = fake, []
 
     def load(self, path, mesh, precision, device, placement):
-        cfg = ModelConfig(**self.config(path)["model"])
+        cfg = from_dict(ModelConfig, self.config(path)["model"])
         net = frozen_skeleton(cfg, mesh, precision, device, placement)
         if not self.fake:
             with torch.no_grad():
@@ -458,6 +463,8 @@ def _prepare(cfg: Config, configs_dir: Path | None, activation_checkpointing: st
             resolve.cache[path] = {"objective": "flm" if role == "teacher" else "fmlm_stage1", "model": model}
             resolve.sources[path] = "assumed: the config's own model.* (no checkpoint, no config with that out_dir)"
         notes.append(f"distill.{role} {path}: {resolve.sources[path]}")
+    if cfg.dist.compile:
+        notes.append("dist.compile is on; the plan is of the eager step (compiled blocks usually keep less)")
     # tau tables and the like are built on real tensors once, before any fake tensor exists
     trained_model(cfg, resolve)
     from flm.flow import get_tau

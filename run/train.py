@@ -69,7 +69,7 @@ def train(config: str | None = None, **overrides) -> None:
     with torch.device("meta"):
         model = DiT(cfg.model)
     apply_activation_checkpointing(model, cfg.dist.activation_checkpointing)
-    compile_blocks(model, cfg.dist.compile)
+    compile_blocks(model, cfg.dist.compile, device)
     shard_model(model, mesh, cfg.dist.mixed_precision)
     materialize(model, device, reference=lambda: DiT(cfg.model))
     method.init_model(model)

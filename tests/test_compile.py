@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
 
 from flm.config import ModelConfig
@@ -37,7 +38,7 @@ def _model(mesh, compiled: bool) -> torch.nn.Module:
     with torch.device("meta"):
         model = DiT(CFG)
     apply_activation_checkpointing(model, "selective")
-    compile_blocks(model, compiled)  # inductor, as dist.compile=true runs it
+    compile_blocks(model, compiled, torch.device("cpu"))  # inductor, as dist.compile=true runs it
     shard_model(model, mesh, "fp32")
     materialize(model, torch.device("cpu"), reference=lambda: DiT(CFG))
     gen = torch.Generator().manual_seed(0)  # every weight non-zero, so the blocks shape the loss
@@ -71,7 +72,11 @@ def test_compiled_step_equals_eager(mesh):
     assert isinstance(compiled.blocks[0], torch._dynamo.eval_frame.OptimizedModule)
     # checkpoints do not see the wrappers: the same state-dict keys as the eager model
     assert set(get_model_state_dict(compiled)) == set(get_model_state_dict(eager))
+    counters.clear()
     losses, grads = _steps(compiled)
+    # compiled for real: one graph shared by the blocks, no graph break (which inside the
+    # checkpointed region would silently leave a block eager)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert losses == pytest.approx(eager_losses, rel=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)

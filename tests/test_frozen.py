@@ -21,6 +21,8 @@ from flm.model import DiT
 
 TEACHER = ModelConfig(vocab_size=64, seq_len=16, dim=32, n_layers=2, n_heads=2, cond_dim=16)
 
+pytestmark = [pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returned a view tensor")]
+
 
 @pytest.fixture
 def mesh():

@@ -4,6 +4,7 @@
     reader        random seq_len windows from compressed shards vs an uncompressed np.memmap
     pretokenize   pretokenize throughput and shard compression ratio on the embedded corpus
     teacher_step  FLM training step vs the token-lookup step (same output + loss) and the dense path
+    compile_step  FLM training step with dist.compile (torch.compile per block) vs eager
 
 Each command is a function registered in ``COMMANDS``.
 """
@@ -292,8 +293,86 @@ def teacher_step(vocab_size: int = 32000, seq_len: int = 256, batch: int = 8, di
                   f"{r['peak_rss_gib'] / b['peak_rss_gib']:.2f}x peak memory   [{what}]")
 
 
+def _compile_step_worker(vocab_size: int, seq_len: int, dim: int, layers: int, batch: int, steps: int, ac: str,
+                         precision: str, queue) -> None:
+    """Eager and compiled models side by side, built as run/train.py builds them (meta ->
+    checkpointing -> compile -> FSDP2 -> materialise), their steps timed alternately."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from flm.config import ModelConfig
+    from flm.distributed import apply_activation_checkpointing, compile_blocks, materialize, shard_model
+    from flm.flow import get_tau
+    from flm.methods.flm import flm_loss
+    from flm.model import DiT
+    from flm.rng import example_generators
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
+    cfg = ModelConfig(vocab_size=vocab_size, seq_len=seq_len, dim=dim, n_layers=layers, n_heads=max(1, dim // 32),
+                      cond_dim=64)
+    tau, ids = get_tau(vocab_size), torch.randint(0, vocab_size, (batch, seq_len))
+    t = (torch.arange(batch) + 0.5) / batch
+
+    def build(compiled: bool):
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = DiT(cfg)
+        apply_activation_checkpointing(model, ac)
+        compile_blocks(model, compiled, torch.device("cpu"))
+        shard_model(model, mesh, precision)
+        materialize(model, torch.device("cpu"), reference=lambda: DiT(cfg))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(model, opt, i: int) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss, _ = flm_loss(model, ids, t, tau, example_generators(0, i, range(batch), torch.device("cpu")))
+        (loss / ids.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    variants = {"eager": build(False), "compiled": build(True)}
+    warmup = {name: sum(step(*v, i)[0] for i in range(2)) for name, v in variants.items()}  # compilation here
+    times = {name: [] for name in variants}
+    for i in range(steps):  # alternate, so that other load on the machine hits both alike
+        for name, v in variants.items():
+            times[name].append(step(*v, i))
+    dist.destroy_process_group()
+    queue.put({name: {"warmup_s": warmup[name], "wall_s": float(np.median([w for w, _ in ts])),
+                      "cpu_s": float(np.median([c for _, c in ts]))} for name, ts in times.items()})
+
+
+def compile_step(vocab_size: int = 1024, seq_len: int = 64, dim: int = 128, layers: int = 4, batch: int = 64,
+                 steps: int = 20, ac: str = "off", precision: str = "fp32") -> None:
+    """Eager vs ``dist.compile`` (inductor, per block) for the FLM step of configs/tiny.py's model on CPU.
+
+    One process holds both models and times their steps alternately after 2 warm-up
+    steps each (where compilation happens); medians of wall time and of the process's
+    CPU time (which other processes on the machine do not inflate).
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_compile_step_worker,
+                       args=(vocab_size, seq_len, dim, layers, batch, steps, ac, precision, queue))
+    proc.start()
+    results = queue.get()
+    proc.join()
+    print(f"DiT {dim}x{layers}, V={vocab_size}, L={seq_len}, batch {batch}, checkpointing {ac}, {precision}, "
+          f"{torch.get_num_threads()} threads, medians of {steps} alternating steps")
+    print("variant     warm-up s   wall s/step   CPU s/step   tokens/CPU-s")
+    for name, x in results.items():
+        print(f"{name:10s} {x['warmup_s']:9.1f}  {x['wall_s']:11.3f}  {x['cpu_s']:11.3f}  "
+              f"{batch * seq_len / x['cpu_s']:12.0f}")
+    e, c = results["eager"], results["compiled"]
+    print(f"compiled / eager: {e['cpu_s'] / c['cpu_s']:.2f}x tokens per CPU-second "
+          f"({e['wall_s'] / c['wall_s']:.2f}x by wall time), {c['warmup_s'] - e['warmup_s']:.0f} s of compilation")
+
+
 COMMANDS: dict[str, Callable[..., None]] = {"reader": reader, "pretokenize": pretokenize,
-                                            "teacher_step": teacher_step}
+                                            "teacher_step": teacher_step, "compile_step": compile_step}
 
 if __name__ == "__main__":
     fire.Fire(COMMANDS)
