@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -82,6 +83,9 @@ def init_distributed(timeout_s: float = 1800) -> DistInfo:
 def _leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    # FSDP modules reference their process groups through reference cycles; free them now,
+    # not during interpreter teardown, where destroying a gloo group can abort the exit.
+    gc.collect()
 
 
 def build_mesh(info: DistInfo, replicate: int) -> DeviceMesh:
