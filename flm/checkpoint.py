@@ -60,7 +60,10 @@ _NAME = re.compile(r"step_\d{8}")
 # Config fields that a resumed run may not change: the model's shape, the objective
 # and its options, and which data (and in which order) the model reads. Prefixes
 # end with "."; everything else (learning rate, steps, logging, layout) may change.
-REFUSED = ("objective", "model.", "flow.", "distill.", "seed", "batch_size", "data.train_split")
+# The teachers (distill.teacher, distill.stage1) are compared by the provenance check
+# instead, whose message names each teacher's path and fingerprint.
+REFUSED = ("objective", "model.", "flow.", "distill.boundary_prob", "distill.learn_weighting", "seed",
+           "batch_size", "data.train_split")
 
 
 def _rank() -> int:
@@ -349,6 +352,11 @@ class TrainState:
         stored = read_keys(path)
         small = {k: "" for k in ("config", "provenance", "dataset") if f"train.{k}" in stored}
         load(path, {"train": small})
+        provenance = json.loads(small["provenance"])
+        if provenance != self.provenance:
+            raise CheckpointError(
+                f"{path} was trained from {provenance or 'no teacher'}, but this run uses "
+                f"{self.provenance or 'no teacher'}; point --resume elsewhere or use a new out_dir")
         refused, allowed = config_changes(json.loads(small["config"]), json.loads(self.config_json))
         data = json.loads(small.get("dataset", "{}"))
         sha, own = data.get("tokenizer_sha256"), self.dataset.get("tokenizer_sha256")
@@ -361,11 +369,6 @@ class TrainState:
                 + "\nrestore these settings, or start afresh with a new out_dir (or --resume=none)")
         if allowed:
             log.info("resuming %s with changed settings: %s", path.name, "; ".join(allowed))
-        provenance = json.loads(small["provenance"])
-        if provenance != self.provenance:
-            raise CheckpointError(
-                f"{path} was trained from {provenance or 'no teacher'}, but this run uses "
-                f"{self.provenance or 'no teacher'}; point --resume elsewhere or use a new out_dir")
 
     def restore(self, path: Path | None) -> int:
         """Load ``path`` (if any) into the live objects; returns the step to continue from."""
