@@ -129,6 +129,10 @@ class DistConfig:
     activation_checkpointing: Literal["off", "full", "selective"] = "off"
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
     compile: bool = False  # torch.compile each block (flm.distributed.compile_blocks, inductor)
+    # Seconds any collective may wait for the other ranks before the run fails with an
+    # error naming the step and operation (a stuck or dead rank). Longer than the
+    # slowest step, evaluation or checkpoint save.
+    timeout_s: int = 1800
 
 
 @dataclass
@@ -149,6 +153,9 @@ class Config:
     num_samples: int = 2
     ckpt_every: int = 500
     keep_checkpoints: int = 3
+    # Stop (exit code 76) after this many consecutive steps with a non-finite loss or
+    # gradient norm, each of which is skipped; 0 never stops (docs/reliability.md).
+    max_bad_steps: int = 10
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -7,7 +7,9 @@ and then the root, and only then materialise (``to_empty``) and initialise.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -18,6 +20,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import distributed_c10d as c10d
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -44,11 +47,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(timeout_s: float = 1800) -> DistInfo:
     """Join the process group described by torchrun's environment.
 
     Run without torchrun, the process forms a group of one, so the training
-    code has a single path. NCCL on GPU, gloo on CPU.
+    code has a single path. NCCL on GPU, gloo on CPU. ``timeout_s`` bounds every
+    collective (``dist.timeout_s``): of the default group and of the groups made
+    later (the device mesh's, which would otherwise get torch's default).
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
@@ -62,10 +67,25 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # new_group / split_group (DeviceMesh dimensions) take torch's default when given
+    # no timeout, not the default group's: make the configured one the default.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        # Leave the group while the interpreter is alive, also when an exception ends the run:
+        # otherwise gloo's threads often abort the exit ("terminate called without an active
+        # exception", SIGABRT) and the exit code no longer says what happened.
+        atexit.register(_leave)
     return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    # FSDP modules reference their process groups through reference cycles; free them now,
+    # not during interpreter teardown, where destroying a gloo group can abort the exit.
+    gc.collect()
 
 
 def build_mesh(info: DistInfo, replicate: int) -> DeviceMesh:

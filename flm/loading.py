@@ -16,6 +16,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -164,16 +165,22 @@ def export(path: str | Path, out: str | Path, which: str = "ema") -> Path:
     config = (Path(path) / "config.json").read_text()
     provenance = json.dumps({"source": str(path), "fingerprint": fingerprint(path), "weights": which})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:  # written beside ``out`` and renamed onto it: ``out`` is whole or absent, never half-written
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
-                  metadata={"config": config, "provenance": provenance})
-    else:
-        torch.save({"config": config, "provenance": provenance, "model": weights}, tmp)
-    tmp.replace(out)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
+                      metadata={"config": config, "provenance": provenance})
+        else:
+            torch.save({"config": config, "provenance": provenance, "model": weights}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {out} ({e}); nothing was written there") from e
     return out
 
 

@@ -71,16 +71,99 @@ class Throughput:
         return out
 
 
-class Logger:
-    """Scalars and text to TensorBoard (rank 0 only) and a console line."""
+class LossWindow:
+    """Loss sums of the steps since the last log line: this rank's, reduced when read.
 
-    def __init__(self, log_dir: str | Path, enabled: bool, jsonl: str | Path | None = None):
+    ``loss`` holds the (optimised, reported) token sums, ``buckets`` the per-bucket
+    sums and counts of :func:`flm.methods.base.loss_by_bucket`, ``steps`` how many
+    steps were added. Its state is saved with checkpoints as global sums, so a run
+    resumed between two log lines logs the same averages as an uninterrupted one.
+    """
+
+    def __init__(self, device: torch.device, buckets: int = 10):
+        self.device = device
+        self.loss = torch.zeros(2, dtype=torch.float64, device=device)
+        self.buckets = torch.zeros(2, buckets, dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, buckets: torch.Tensor) -> None:
+        self.loss += loss
+        self.buckets += buckets
+        self.steps += 1
+
+    def _reduced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from flm.distributed import all_reduce_sum
+
+        flat = all_reduce_sum(torch.cat([self.loss, self.buckets.flatten()]), self.device).cpu()
+        return flat[:2], flat[2:].reshape(self.buckets.shape)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(loss sums, bucket sums and counts, steps) over all ranks since the last read; then reset."""
+        loss, buckets = self._reduced()
+        steps = self.steps
+        self.loss.zero_()
+        self.buckets.zero_()
+        self.steps = 0
+        return loss, buckets, steps
+
+    def state_dict(self) -> dict:
+        """Global sums (a collective: every rank calls it)."""
+        loss, buckets = self._reduced()
+        return {"loss": loss.tolist(), "buckets": buckets.tolist(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rank 0 holds the restored global sums, the other ranks start from zero."""
+        import torch.distributed as dist
+
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        self.loss.copy_(torch.tensor(state["loss"], dtype=torch.float64) * main)
+        self.buckets.copy_(torch.tensor(state["buckets"], dtype=torch.float64) * main)
+        self.steps = int(state["steps"])
+
+
+def truncate_jsonl(path: str | Path, step: int) -> int:
+    """Drop the rows of ``path`` logged after ``step`` (by a run that was killed before
+    its next checkpoint) and any torn last line; returns how many were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+    return dropped
+
+
+class Logger:
+    """Scalars and text to TensorBoard (rank 0 only) and a console line.
+
+    ``start`` is the step the run resumed from: rows of ``jsonl`` and TensorBoard
+    events after it (written by a run that was killed before its next checkpoint)
+    are dropped, so every step is logged once.
+    """
+
+    def __init__(self, log_dir: str | Path, enabled: bool, jsonl: str | Path | None = None, start: int = 0):
         self.writer, self.jsonl = None, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(log_dir), purge_step=start + 1)
             if jsonl is not None:  # every scalar at full precision, one JSON object per line
+                dropped = truncate_jsonl(jsonl, start)
+                if dropped:
+                    log.info("%s: dropped %d rows after step %d (logged by an interrupted run after its "
+                             "last checkpoint)", jsonl, dropped, start)
                 self.jsonl = open(jsonl, "a")
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:

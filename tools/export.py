@@ -9,14 +9,21 @@ The file holds the run config and full tensors; ``.pt`` files load with
 
 import fire
 
-from flm.loading import export
+from flm.loading import CheckpointError, export
 
 
 def main(checkpoint: str, out: str, which: str = "ema") -> None:
-    """Export ``which`` ("ema" or "model") weights of ``checkpoint`` to ``out``."""
+    """Export ``which`` ("ema" or "model") weights of ``checkpoint`` to ``out``.
+
+    The file is written beside ``out`` and renamed onto it, so after a failure
+    (a full disk, a read-only directory) ``out`` is absent or still the old file.
+    """
     if which not in ("ema", "model"):
         raise SystemExit(f"--which={which!r}: expected ema or model")
-    path = export(checkpoint, out, which)
+    try:
+        path = export(checkpoint, out, which)
+    except (CheckpointError, OSError) as error:
+        raise SystemExit(f"export: error: {error}") from None
     print(f"wrote {path}")
 
 

@@ -171,10 +171,16 @@ def pretokenize(inputs: str | Sequence[str], out: str, vocab_size: int | None = 
                                  f"{val_inputs if source == '--val_inputs' else inputs!r} are empty"
                                  + ("" if val_files is not None else " or too few to hold some out"))
 
-        manifest = write_dataset(out, {split: tokenized(split) for split in stats}, tok.path,
-                                 tok.vocab_size, tok.eos_id, bos_id=tok.bos_id, pad_id=tok.pad_id,
-                                 framing=framing, tokenizer_kind=kind, frame_tokens=frame_tokens,
-                                 shard_tokens=shard_tokens, level=level, overwrite=overwrite)
+        try:  # atomic: after a failure (a full disk, a read-only directory) nothing is left at `out`
+            manifest = write_dataset(out, {split: tokenized(split) for split in stats}, tok.path,
+                                     tok.vocab_size, tok.eos_id, bos_id=tok.bos_id, pad_id=tok.pad_id,
+                                     framing=framing, tokenizer_kind=kind, frame_tokens=frame_tokens,
+                                     shard_tokens=shard_tokens, level=level, overwrite=overwrite)
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise OSError(error.errno, f"could not write the dataset {out} ({error}); nothing was left there"
+                          ) from error
     return _summarise(manifest, stats, workers, tokenizer_seconds, out)
 
 
@@ -211,5 +217,5 @@ def _summarise(manifest: dict[str, Any], stats: dict[str, _SplitStats], workers:
 if __name__ == "__main__":
     try:
         fire.Fire(pretokenize, serialize=lambda _: None)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         sys.exit(f"pretokenize: error: {error}")
