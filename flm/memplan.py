@@ -472,6 +472,27 @@ def _prepare(cfg: Config, configs_dir: Path | None, activation_checkpointing: st
     return cfg, resolve, notes
 
 
+@contextlib.contextmanager
+def _fused_softcap_attention():
+    """Plan soft-capped attention as the GPU runs it. On CUDA it is torch's flex_attention,
+    a fused kernel that keeps the output and a log-sum-exp like SDPA's flash kernel; the CPU
+    path the fake step would take (``attention._explicit``) holds the (B, H, L, L) scores and
+    probabilities instead (at owt_small: 59 instead of 15 GiB). The cap is elementwise, so
+    the fused kernel's memory is SDPA's: count that."""
+    from flm.model import attention as attention_module
+
+    explicit = attention_module._explicit
+
+    def fused(q, k, v, dropout_p, causal, softcap):
+        return attention_module._sdpa(q, k, v, dropout_p, causal)
+
+    attention_module._explicit = fused
+    try:
+        yield
+    finally:
+        attention_module._explicit = explicit
+
+
 def plan(cfg: Config, nodes: int = 1, gpus_per_node: int = 8, micro_batch: int | None = None,
          activation_checkpointing: str | None = None, frozen_placement: str | None = None,
          configs_dir: str | Path | None = None, name: str = "") -> Plan:
@@ -484,7 +505,10 @@ def plan(cfg: Config, nodes: int = 1, gpus_per_node: int = 8, micro_batch: int |
     cfg, resolve, notes = _prepare(cfg, Path(configs_dir) if configs_dir else None, activation_checkpointing,
                                    frozen_placement)
     device = torch.device("cpu")
-    with warnings.catch_warnings(), fake_world(world):
+    if cfg.model.attn_softcap > 0:
+        notes.append("soft-capped attention counted as a fused kernel (flex_attention on GPU), not the CPU "
+                     "path that holds the (B, H, L, L) scores")
+    with warnings.catch_warnings(), fake_world(world), _fused_softcap_attention():
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mesh = build_mesh(DistInfo(0, world, 0, gpus_per_node, device), cfg.dist.replicate)
         with FakeTensorMode(allow_non_fake_inputs=True):
