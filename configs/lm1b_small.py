@@ -15,8 +15,8 @@ branches, attention logits soft-capped at 50 and raw t into the time embedding
 Memory per GPU, GiB (tools/memplan.py): 1 node(s) x 8 GPUs, micro-batch 64 x 1,
   checkpointing off:
   before the step: params 0.06, optimizer 0.13, ema 0.06
-  peak 6.69 (budget 70) in micro-batch 1/1 (backward): the above + (B,L,V) 2.79, activations 3.64
-  largest micro-batch within 70: 64 (all of the per-GPU batch), peak 6.69
+  peak 4.43 (budget 70) in micro-batch 1/1 (backward): the above + activations 4.01, temporaries 0.16
+  largest micro-batch within 70: 64 (all of the per-GPU batch), peak 4.43
 """
 
 from flm.config import Config, DataConfig, DistConfig, ModelConfig, OptimConfig

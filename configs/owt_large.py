@@ -14,9 +14,9 @@ output layer). Training FLOPs: 8.47 GFLOP per token (6N + attention).
 Memory per GPU, GiB (tools/memplan.py): 4 node(s) x 8 GPUs, micro-batch 16 x 1,
   checkpointing selective:
   before the step: params 0.69, optimizer 1.39, ema 0.69
-  peak 29.69 (budget 70) in micro-batch 1/1 (backward): the above + (B,L,V) 9.20, activations 17.71
-  largest micro-batch within 70: 16 (all of the per-GPU batch), peak 29.69
-Checkpointing off / full: 49.2 / 14.7 GiB. Regenerate with `python tools/memplan.py configs/owt_large.py`.
+  peak 21.91 (budget 70) in micro-batch 1/1 (backward): the above + activations 17.43, temporaries 1.70
+  largest micro-batch within 70: 16 (all of the per-GPU batch), peak 21.91
+Checkpointing off / full: 44.1 / 8.2 GiB. Regenerate with `python tools/memplan.py configs/owt_large.py`.
 """
 
 from flm.config import Config, DataConfig, DistConfig, ModelConfig, OptimConfig

@@ -15,9 +15,9 @@ About 170M parameters of which 77M are the input and output matrices.
 Memory per GPU, GiB (tools/memplan.py): 1 node(s) x 8 GPUs, micro-batch 64 x 1,
   checkpointing selective:
   before the step: params 0.08, optimizer 0.16, ema 0.08
-  peak 50.40 (budget 70) in micro-batch 1/1 (backward): the above + (B,L,V) 36.81, activations 13.27
-  largest micro-batch within 70: 64 (all of the per-GPU batch), peak 50.40
-Checkpointing off / full: 65.0 / 39.1 GiB.
+  peak 15.20 (budget 70) in micro-batch 1/1 (backward): the above + activations 12.72, temporaries 2.15
+  largest micro-batch within 70: 64 (all of the per-GPU batch), peak 15.20
+Checkpointing off / full: 31.0 / 4.8 GiB.
 """
 
 from flm.config import Config, DataConfig, DistConfig, ModelConfig, OptimConfig
