@@ -1,12 +1,15 @@
 """Single-process checks of the checkpoint module (multi-process resume is in
-test_train_distributed.py)."""
+test_train_distributed.py and test_faults.py)."""
 
+import errno
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import filesystem
 
 from flm import checkpoint as ckpt, loading
 
@@ -81,11 +84,6 @@ def test_missing_weights_named(tmp_path):
 
 
 # ---- faults: kills mid-save and mid-prune, full disks, read-only directories, config changes ----
-
-import errno
-import shutil
-
-from torch.distributed.checkpoint import filesystem
 
 
 def _shards(path):
@@ -199,7 +197,7 @@ def test_config_changes_refused_or_allowed():
                        "optim.lr: 0.0003 -> 0.0001", "steps: 1000 -> 5000"]
 
 
-def _train_only_checkpoint(tmp_path, config: dict, dataset: dict) -> "Path":
+def _train_only_checkpoint(tmp_path, config: dict, dataset: dict) -> Path:
     state = {"train": {"step": 3, "config": json.dumps(config), "provenance": "{}",
                        "dataset": json.dumps(dataset)}}
     return ckpt.save(tmp_path, 3, state, keep=1)
