@@ -49,6 +49,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from flm import faults
+from flm.data.shards import fsync_dir
 from flm.loading import COMPLETE, CheckpointError, SafeLoadPlanner, SafeReader, read_keys
 from flm.rng import rng_state, set_rng_state
 
@@ -190,14 +191,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _discard(path: Path, step: int | None = None) -> None:
     """Delete a checkpoint directory: rename it out of sight (atomic), then delete."""
     trash = path.with_name(f"{TRASH}{path.name}.{os.getpid()}")
@@ -242,7 +235,7 @@ def save(out_dir: str | Path, step: int, state: dict[str, Any], keep: int,
         for name, text in (files or {}).items():
             _write_atomic(path / name, text)
         _write_atomic(path / COMPLETE, json.dumps({"step": step, "world_size": _world()}))
-        _fsync_dir(path)
+        fsync_dir(path)
         log.info("committed checkpoint %s", path)
 
     _on_main(commit, f"could not commit checkpoint {path}")

@@ -75,7 +75,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created, renamed files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,13 +100,13 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
