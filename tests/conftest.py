@@ -11,6 +11,8 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from flm.data import train_tokenizer, write_dataset
 
@@ -121,3 +123,15 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
     path, vocab = make_dataset(tmp_path_factory.mktemp("trainer_data"))
     return [f"--data.path={path}", f"--model.vocab_size={vocab}"]
+
+
+@pytest.fixture
+def mesh():
+    """A one-process gloo group and its 1-D mesh (FSDP2 over one rank)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
+    finally:
+        dist.destroy_process_group()

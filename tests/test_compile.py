@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch._dynamo.utils import counters
-from torch.distributed.device_mesh import init_device_mesh
 
 from flm.config import ModelConfig
 from flm.distributed import apply_activation_checkpointing, clean_fqn, compile_blocks, materialize, shard_model
@@ -22,15 +20,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returne
               pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
 
 
-@pytest.fixture
-def mesh():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
-    finally:
-        dist.destroy_process_group()
 
 
 def _model(mesh, compiled: bool) -> torch.nn.Module:

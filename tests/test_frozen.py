@@ -9,8 +9,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
 from flm import loading
@@ -24,16 +22,6 @@ TEACHER = ModelConfig(vocab_size=64, seq_len=16, dim=32, n_layers=2, n_heads=2, 
 pytestmark = [pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returned a view tensor")]
 
 
-@pytest.fixture
-def mesh():
-    """A one-process gloo group and its 1-D mesh (FSDP2 over one rank)."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
-    finally:
-        dist.destroy_process_group()
 
 
 def _export(path, objective: str, model_cfg: ModelConfig, seed: int):
