@@ -8,8 +8,10 @@ backbone, tokenizer, data order, batch and step budget (configs/study/base.py);
 then FMLM (stage 1 + stage 2) distils the FLM and SDTT rounds (N0 -> N0/2 -> ...
 -> 8 steps) distil the MDLM with the same total distillation steps; FMLM
 ablations vary the loss weighting per stage and the boundary probability. The
-headline evaluation runs at every step count with several sampling seeds; the
-ablations at 1 and 4 steps. :mod:`flm.eval.study_report` turns the results into
+headline rows (FLM, MDLM and AR at many steps, FMLM at 1 and 4, SDTT at 8) are
+evaluated with several sampling seeds and many samples; a sweep of every model
+at every step count (one seed, fewer samples) gives the Figure-1 curves; the
+ablations run at 1 and 4 steps. :mod:`flm.eval.study_report` turns the results into
 the files under ``docs/results/``.
 
 Each stage is a command with a file that marks it done (a final checkpoint's
@@ -38,8 +40,10 @@ class Scale:
     teacher_steps: int  # optimizer steps of every teacher
     distill_steps: int  # per FMLM stage; SDTT gets 2 x this in total over its rounds
     sdtt_start: int  # N0: the MDLM's step count distilled by the first SDTT round
-    eval_steps: list[int]
-    num_samples: int  # per headline row
+    eval_steps: list[int]  # the sweep (every model at every count; the Figure-1 curves)
+    many_steps: int  # the headline rows' step count for the many-step models (FLM, MDLM)
+    num_samples: int  # per headline row and seed
+    sweep_samples: int  # per sweep row (one seed)
     ablation_samples: int
     seeds: list[int]
     scorer: str = "smollm2"
@@ -50,20 +54,24 @@ class Scale:
 
 SCALES = {
     # CI: seconds; exercises every stage and output, measures nothing.
-    "toy": Scale(teacher_steps=2, distill_steps=2, sdtt_start=16, eval_steps=[1, 2], num_samples=4,
-                 ablation_samples=4, seeds=[0, 1], scorer="none", mauve=False,
+    "toy": Scale(teacher_steps=2, distill_steps=2, sdtt_start=16, eval_steps=[1, 2], many_steps=4, num_samples=4,
+                 sweep_samples=4, ablation_samples=4, seeds=[0, 1], scorer="none", mauve=False,
                  overrides=["--model.seq_len=32", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2",
                             "--model.cond_dim=16", "--batch_size=8", "--eval_batches=1", "--ckpt_every=2",
                             "--log_every=1", "--optim.warmup_steps=1", "--data.num_workers=0"],
                  distill_overrides=["--batch_size=4"]),
-    # The embedded corpus on 2 CPU cores, within about 90 minutes.
+    # The embedded corpus on 2 CPU cores, within about 90 minutes. Gen PPL scoring (about
+    # 0.07 s per sample) and 256-step sampling (about 0.3 s per sample) dominate the
+    # evaluation, so the sweep takes fewer samples than the 3-seed headline rows.
     "cpu": Scale(teacher_steps=1500, distill_steps=300, sdtt_start=64,
-                 eval_steps=[1, 2, 4, 8, 16, 32, 64, 256], num_samples=512, ablation_samples=256, seeds=[0, 1, 2],
+                 eval_steps=[1, 2, 4, 8, 16, 32, 64, 256], many_steps=64, num_samples=512, sweep_samples=128,
+                 ablation_samples=256, seeds=[0, 1, 2],
                  distill_overrides=["--batch_size=32", "--optim.lr=1e-3", "--optim.warmup_steps=20",
                                     "--optim.schedule=constant", "--ckpt_every=100"]),
     # DiT-small (configs/lm1b_small.py's backbone) at a shortened budget, for one GPU.
     "gpu": Scale(teacher_steps=20000, distill_steps=4000, sdtt_start=256,
-                 eval_steps=[1, 2, 4, 8, 16, 32, 64, 256], num_samples=1024, ablation_samples=512, seeds=[0, 1, 2],
+                 eval_steps=[1, 2, 4, 8, 16, 32, 64, 256], many_steps=256, num_samples=1024, sweep_samples=256,
+                 ablation_samples=512, seeds=[0, 1, 2],
                  overrides=["--model.seq_len=128", "--model.dim=768", "--model.n_layers=12", "--model.n_heads=12",
                             "--model.cond_dim=128", "--model.dropout=0.1", "--batch_size=256",
                             "--dist.mixed_precision=bf16", "--dist.activation_checkpointing=selective",
@@ -97,7 +105,13 @@ FMLM = {
     "abl_nobound": (2, "flm_tau", "abl_nobound_s1", ["--distill.weighting=none", "--distill.boundary_prob=0"]),
 }
 ABLATIONS = ["fmlm", "abl_s1w_none", "abl_s1w_st", "abl_s2w_s", "abl_s2w_st", "abl_nobound"]
-HEADLINE = ["flm_tau", "flm_g_eq_t", "mdlm", "sdtt", "fmlm", "ar"]
+SWEEP = ["flm_tau", "flm_g_eq_t", "mdlm", "sdtt", "fmlm", "ar"]
+
+
+def headline(many_steps: int) -> dict[str, list[int]]:
+    """The headline rows (every seed): run -> its step counts (AR: its natural length)."""
+    return {"flm_tau": [many_steps], "flm_g_eq_t": [many_steps], "mdlm": [many_steps], "ar": [many_steps],
+            "fmlm": [1, 4], "sdtt": [8]}
 
 
 @dataclass(frozen=True)
@@ -148,12 +162,17 @@ def plan(scale: Scale, runs: Path, data: Path, vocab_size: int | None = None) ->
     finals = {s.name: s.done.parent for s in stages}
     evaluate = [sys.executable, str(REPO / "run" / "eval.py"), f"--scorer={scale.scorer}", f"--mauve={scale.mauve}",
                 "--progress=false", f"--data={data}"]
+    rows = ",".join(f"{finals[n]}@{'+'.join(map(str, counts))}" for n, counts in headline(scale.many_steps).items())
     for seed in scale.seeds:
         out = runs / "eval" / f"seed{seed}"
         stages.append(Stage(f"eval_seed{seed}", evaluate + [
-            "--checkpoints=" + ",".join(str(finals[n]) for n in HEADLINE),
-            "--steps=" + ",".join(map(str, scale.eval_steps)), f"--num_samples={scale.num_samples}",
-            f"--seed={seed}", f"--out={out}"], out / "results.json"))
+            f"--checkpoints={rows}", f"--num_samples={scale.num_samples}", f"--seed={seed}", f"--out={out}"],
+            out / "results.json"))
+    out = runs / "eval" / "sweep"
+    stages.append(Stage("eval_sweep", evaluate + [
+        "--checkpoints=" + ",".join(str(finals[n]) for n in SWEEP),
+        "--steps=" + ",".join(map(str, scale.eval_steps)), f"--num_samples={scale.sweep_samples}", "--seed=0",
+        f"--out={out}"], out / "results.json"))
     out = runs / "eval" / "ablations"
     stages.append(Stage("eval_ablations", evaluate + [
         "--checkpoints=" + ",".join(str(finals[n]) for n in ABLATIONS), "--steps=1,4",

@@ -31,12 +31,17 @@ def test_study_runs_end_to_end_and_resumes(tmp_path):
            f"--data={dataset}"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("table.md", "table.json", "ablations.md", "run.json", "README.md", "figure1.png", "curves.png"):
+    for name in ("table.md", "table.json", "sweep.md", "ablations.md", "run.json", "README.md", "figure1.png", "curves.png"):
         assert (docs / name).is_file(), name
     table = json.loads((docs / "table.json").read_text())
     runs_seen = {r["run"] for r in table["rows"]}
     assert runs_seen == {"flm_tau", "flm_g_eq_t", "mdlm", "sdtt", "fmlm", "ar", "data"}
     assert all(r["seeds"] == 2 for r in table["rows"])
+    # headline rows at their own step counts; the sweep holds every model at every count (one seed)
+    assert {r["steps"] for r in table["rows"] if r["run"] == "fmlm"} == {1, 4}
+    assert {r["steps"] for r in table["rows"] if r["run"] == "sdtt"} == {8}
+    assert {r["steps"] for r in table["sweep"] if r["run"] == "mdlm"} == {1, 2}
+    assert all(r["seeds"] == 1 for r in table["sweep"])
     assert {r["run"] for r in table["ablations"]} >= {"fmlm", "abl_s1w_none", "abl_nobound"}
     timings = json.loads((docs / "run.json").read_text())["stages"]
     assert "flm_tau" in timings and "eval_seed1" in timings
@@ -63,7 +68,13 @@ def test_claim_rules():
     rows[1] = _row("flm_tau", 64, 1000.0, 3.9)  # not learning: every verdict is "cannot tell"
     rows[6] = _row("ar", 64, 900.0, 4.0)
     rows[2] = _row("mdlm", 64, 800.0, 3.9)
+    rows[3] = _row("flm_g_eq_t", 64, 950.0, 3.9)
     assert all(c["verdict"].startswith("cannot tell at this scale") for c in claims(rows))
+    # a low Gen PPL from repetitive text (entropy far below the data's) is not "learning"
+    rows[1] = _row("flm_tau", 64, 60.0, 1.8)
+    found = claims(rows)
+    assert all(c["verdict"].startswith("cannot tell at this scale") for c in found)
+    assert "(mdlm, Gen PPL 800" in found[0]["verdict"]
 
 
 def test_aggregate_spreads_over_seeds():

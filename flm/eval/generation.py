@@ -32,6 +32,7 @@ class Model:
     kind: str
     config: dict
     label: str
+    steps: tuple[int, ...] | None = None  # this checkpoint's own step counts (PATH@N+M), else --steps
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,12 @@ def generate_all(models: list[Model], step_list: list[int], num: int, batch_size
     With ``prompts``, the samples are completions and "ids" holds only the generated continuations."""
     sets = []
     rank_batches = len(range(ranks.rank, -(-num // batch_size), ranks.world))
-    runs = sum(len(step_list) if METHODS[m.kind].any_steps else 1 for m in models)
+    runs = sum(len(m.steps or step_list) if METHODS[m.kind].any_steps else 1 for m in models)
     bar = tqdm(total=runs * rank_batches, desc="generating", unit="batch", disable=not ranks.is_main or hide_bars)
     for model in models:
         sampler = load_sampler(model.path, ranks.device, teacher=teacher)
         sampler.generate(1, 1, batch_generator(seed, 0, ranks.device))  # warm-up, not timed
-        for steps in step_list if sampler.any_steps else [sampler.seq_len]:
+        for steps in (model.steps or step_list) if sampler.any_steps else [sampler.seq_len]:
             bar.set_postfix_str(f"{model.label}, {steps} steps")
             share = generate_share(sampler, steps, num, batch_size, seed, ranks, bar, prompts, prompt_tokens)
             parts = gather_to_main(share, ranks)

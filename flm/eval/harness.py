@@ -73,14 +73,27 @@ class EvalArgumentError(ValueError):
 # --------------------------------------------------------------------------- arguments
 
 
-def parse_checkpoint(arg: str) -> tuple[Path, str | None]:
-    """``PATH`` or ``PATH:KIND`` -> (path, kind or None). A path that exists as written wins."""
+def parse_checkpoint(arg: str) -> tuple[Path, str | None, tuple[int, ...] | None]:
+    """``PATH[:KIND][@N+M+...]`` -> (path, kind or None, own step counts or None).
+
+    A path that exists as written wins. ``@1+4`` evaluates this checkpoint at 1 and 4
+    steps instead of ``--steps`` (so one table can hold FMLM at 1 step and MDLM at 64)."""
+    steps = None
+    head, at, tail = arg.rpartition("@")
+    if at and not Path(arg).exists():
+        try:
+            steps = tuple(int(n) for n in tail.split("+"))
+        except ValueError:
+            raise EvalArgumentError(f"--checkpoints: {arg!r}: expected step counts like @1+4 after '@'") from None
+        if not steps or min(steps) < 1:
+            raise EvalArgumentError(f"--checkpoints: {arg!r}: step counts must be >= 1")
+        arg = head
     path, sep, kind = arg.rpartition(":")
     if not sep or "/" in kind or Path(arg).exists():
-        return Path(arg), None
+        return Path(arg), None, steps
     if kind not in METHODS:
         raise EvalArgumentError(f"--checkpoints: unknown kind {kind!r} in {arg!r}; expected one of {', '.join(METHODS)}")
-    return Path(path), kind
+    return Path(path), kind, steps
 
 
 def short_label(path: Path) -> str:
@@ -99,7 +112,7 @@ def resolve_models(checkpoints: Any, expect_kind: str | None) -> list[Model]:
     if not parsed:
         raise EvalArgumentError("--checkpoints: give at least one checkpoint directory or exported file")
     models = []
-    for path, kind in parsed:
+    for path, kind, own_steps in parsed:
         try:
             config = read_config(path)
         except (CheckpointError, OSError, ValueError) as error:
@@ -108,7 +121,7 @@ def resolve_models(checkpoints: Any, expect_kind: str | None) -> list[Model]:
         if expected is not None and actual != expected:
             raise EvalArgumentError(f"--checkpoints: {path} is a {actual!r} checkpoint, but {expected!r} was asked for "
                              f"({'PATH:KIND' if kind else '--expect_kind'})")
-        models.append(Model(path, actual, config, short_label(path)))
+        models.append(Model(path, actual, config, short_label(path), own_steps))
     return _unique_labels(models)
 
 
@@ -118,7 +131,7 @@ def _unique_labels(models: list[Model]) -> list[Model]:
         raise EvalArgumentError("--checkpoints: a checkpoint is given twice")
     if len({m.label for m in models}) == len(models):
         return models
-    return [Model(m.path, m.kind, m.config, str(m.path)) for m in models]
+    return [Model(m.path, m.kind, m.config, str(m.path), m.steps) for m in models]
 
 
 def _dataset_tokenizer_file(dataset: Path, argument: str) -> Path:
@@ -298,7 +311,8 @@ def evaluate(checkpoints: str | tuple, steps: str | int | tuple = "1,2,4,8,64", 
          seed: int = 0, mauve: bool | str = True, expect_kind: str | None = None, data: str | None = None,
          teacher: str | None = None, device: str = "auto", progress: bool | str = "auto",
          protocol: str = "flm", prompt_tokens: int = 0) -> None:
-    """Evaluate ``checkpoints`` (comma-separated ``PATH[:KIND]``) at every count in ``steps``.
+    """Evaluate ``checkpoints`` (comma-separated ``PATH[:KIND][@N+M]``) at every count in ``steps``
+    (or at a checkpoint's own ``@`` counts).
 
     ``num_samples`` samples per model and step count, generated ``batch_size`` at
     a time (also the Gen PPL batch size); MAUVE and the data row use the split
