@@ -26,13 +26,16 @@ their outputs are cast to float32 before any of the maths.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from flm.flow import MIN_ONE_MINUS_G, interpolate
+from flm.distill_ops import noisy_state, softmax_
+from flm.flow import MIN_ONE_MINUS_G
+from flm.model.losses import linear_map_error
 
 Model = Callable[..., torch.Tensor]
 TimeMap = Callable[[torch.Tensor], torch.Tensor]
@@ -187,40 +190,56 @@ def _reduce(per_token: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
     return per_example.sum(), per_example, stats
 
 
-def _noisy_state(x1_ids: torch.Tensor, G_s: torch.Tensor, teacher: Model, generator: Generators) -> torch.Tensor:
-    """x_s = (1 - G_s) eps + G_s e(x1), dense eps ~ N(0, I) of shape (B, L, V), float32.
+def _as_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The networks' copy of a dense state: cast once per state, not once per network call."""
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
 
-    V is the teacher's vocabulary, ``teacher.tok_emb.num_embeddings``. eps comes from one
-    generator, or example b's from ``generator[b]`` (per-example generators make the
-    noise independent of how the global batch is split over ranks).
-    """
-    shape = (x1_ids.shape[1], teacher.tok_emb.num_embeddings)
-    if isinstance(generator, torch.Generator):
-        eps = torch.randn(x1_ids.shape[0], *shape, generator=generator, device=generator.device)
-    else:
-        eps = torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generator])
-    return interpolate(x1_ids, eps.to(x1_ids.device), G_s.float())
+
+def _chunks(batch: int) -> list[slice]:
+    """Slices of about a quarter of the batch: the no-grad targets are built chunk by chunk,
+    so their (B, L, V) intermediates exist for a quarter of the examples at a time
+    (every network here treats each sequence on its own, so the values do not change)."""
+    size = -(-batch // 4)
+    return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
 
 
 @torch.no_grad()
-def _two_half_steps(student: Model, teacher: Model, x_s: torch.Tensor, p_s: torch.Tensor, s: torch.Tensor,
-                    t: torch.Tensor, tau: TimeMap) -> torch.Tensor:
-    """The stage-1 target c* (see :func:`fmlm_stage1_loss`); its intermediates die on return."""
+def _stage1_target_minus_p(student: Model, teacher: Model, x_s: torch.Tensor, x_in: torch.Tensor,
+                           s: torch.Tensor, t: torch.Tensor, tau: TimeMap,
+                           dtype: torch.dtype | None) -> torch.Tensor:
+    """c* - softmax(D(x_s, s)) for the stage-1 target c* (see :func:`fmlm_stage1_loss`).
+
+    Built into one new (B, L, V) buffer, a quarter of the batch at a time, with every
+    step in place: besides x_s and the result, at most four (B/4, L, V) tensors are
+    alive (p_s, the partial target, y_u and one network output)."""
     u = s + 0.5 * (t - s)
     G_s, G_u, G_t = _G(tau, s), _G(tau, u), _G(tau, t)
-    c_su = _residual_clean(p_s, student(x_s, s, u), G_s, G_u)
-    y_u = flow_step(x_s, c_su, G_s, G_u)
-    c_ut = _residual_clean(_probs(teacher(y_u, u)), student(y_u, u, t), G_u, G_t)
     delta = G_t - G_s
     w1 = torch.where(delta > 0, (G_u - G_s) / delta.clamp_min(1e-300), 0.5)
-    w2 = torch.where(delta > 0, (G_t - G_u) / delta.clamp_min(1e-300), 0.5)
-    k = _one_minus(G_s) / _one_minus(G_u)
-    return x_s + _bcast(w1) * (c_su - x_s) + _bcast(w2 * k) * (c_ut - y_u)
+    w2k = torch.where(delta > 0, (G_t - G_u) / delta.clamp_min(1e-300), 0.5) * _one_minus(G_s) / _one_minus(G_u)
+    a_su, a_ut = 0.5 * (G_u - G_s) * _one_minus(G_s), 0.5 * (G_t - G_u) * _one_minus(G_u)
+    r_su = ((G_u - G_s) / _one_minus(G_s)).clamp(0.0, 1.0)
+    out = torch.empty_like(x_s)
+    for c in _chunks(x_s.shape[0]):
+        x, p_s = x_s[c], softmax_(teacher(x_in[c], s[c]))
+        # c_{s,u}(x_s) = p_s + a_su g(x_s, s, u), in the network output's own buffer
+        c_su = student(x_in[c], s[c], u[c]).float().mul_(_bcast(a_su[c])).add_(p_s)
+        y_u = torch.lerp(x, c_su, _bcast(r_su[c]))  # X_{s,u}(x_s)
+        # x_s + w1 (c_su - x_s) - p_s, in c_su's buffer
+        part = c_su.sub_(x).mul_(_bcast(w1[c])).add_(x).sub_(p_s)
+        del p_s, c_su
+        y_in = _as_input(y_u, dtype)
+        c_ut = student(y_in, u[c], t[c]).float().mul_(_bcast(a_ut[c]))
+        c_ut.add_(softmax_(teacher(y_in, u[c])))
+        del y_in
+        out[c] = part.add_(c_ut.sub_(y_u).mul_(_bcast(w2k[c])))
+    return out
 
 
 def fmlm_stage1_loss(student: Model, teacher: Model, x1_ids: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
                      tau: TimeMap, generator: Generators, weighting: LossWeighting | None = None,
-                     target_dropout: bool = True) -> tuple[torch.Tensor, torch.Tensor, Stats]:
+                     target_dropout: bool = True, compute_dtype: torch.dtype | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, Stats]:
     """Stage-1 residual flow-map loss (method.md section 2) for clean ids (B, L).
 
     x_s = interpolant at G_s (dense eps from ``generator``). Prediction
@@ -257,27 +276,38 @@ def fmlm_stage1_loss(student: Model, teacher: Model, x1_ids: torch.Tensor, s: to
     global number of examples --, per-example loss (B,), stats) where stats holds
     ``raw_loss_sum`` (the unweighted per-example losses summed, detached), ``n_examples``
     (B) and ``n_tokens`` (B L). ``generator``: one per-rank generator or one per example (see
-    ``_noisy_state``), on any device.
+    :func:`flm.distill_ops.noisy_state`), on any device. ``compute_dtype``: the networks'
+    input dtype (bf16 under mixed precision): each dense state is cast once and the copy
+    shared by every network that reads it; the map algebra stays in float32.
+
+    Memory: x_s is built in place; the target is formed in one buffer as
+    c* - softmax(D(x_s, s)), a quarter of the batch at a time with every step in place;
+    the student's output layer and the squared error run in chunks inside its forward
+    (``head``: :func:`flm.model.losses.linear_map_error`), so g's (B, L, V) outputs are
+    never held. The plain-autograd version this replaced is ``tools/distill_reference.py``
+    (the bench's baseline and the tests' float32 reference). The student must be a
+    model taking ``head`` (the DiT).
     """
     G_s, G_t = _G(tau, s), _G(tau, t)
-    x_s = _noisy_state(x1_ids, G_s, teacher, generator)
-    with torch.no_grad():
-        p_s = _probs(teacher(x_s, s))
+    x_s = noisy_state(x1_ids, G_s, teacher.tok_emb.num_embeddings, generator)
+    x_in = _as_input(x_s, compute_dtype)
     if target_dropout:
-        target = _two_half_steps(student, teacher, x_s, p_s, s, t, tau)
+        base = _stage1_target_minus_p(student, teacher, x_s, x_in, s, t, tau, compute_dtype)
     else:
         if not isinstance(student, nn.Module):
             raise TypeError("target_dropout=False needs the student nn.Module (to switch it to eval mode), "
                             f"got {type(student).__name__}")
         with _eval_mode(student):
-            target = _two_half_steps(student, teacher, x_s, p_s, s, t, tau)
-    pred = _residual_clean(p_s, student(x_s, s, t), G_s, G_t)
-    return _reduce((target - pred).square().sum(-1), s, t, weighting)
+            base = _stage1_target_minus_p(student, teacher, x_s, x_in, s, t, tau, compute_dtype)
+    del x_s
+    a = (0.5 * (G_t - G_s) * _one_minus(G_s)).float()[:, None]  # per token: target - a g
+    head = functools.partial(linear_map_error, target=base, coeff=a, softmax=False)
+    return _reduce(student(x_in, s, t, head=head), s, t, weighting)
 
 
 def fmlm_stage2_loss(student_h: Model, teacher: Model, stage1_g: Model, x1_ids: torch.Tensor, s: torch.Tensor,
                      t: torch.Tensor, tau: TimeMap, generator: Generators,
-                     weighting: LossWeighting | None = None,
+                     weighting: LossWeighting | None = None, compute_dtype: torch.dtype | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, Stats]:
     """Stage-2 loss: match the one-network map X^h to the frozen stage-1 map X.
 
@@ -292,15 +322,25 @@ def fmlm_stage2_loss(student_h: Model, teacher: Model, stage1_g: Model, x1_ids: 
     included, where r = 1 -- dominate. A learned w(s, t) would cancel that per-(s, t)
     factor (exp(w) tracks the expected loss); w(s) only its average over t.
     Calls: D(x_s, s) and g(x_s, s, t) without grad, h(x_s, s, t) with grad.
-    Returns what :func:`fmlm_stage1_loss` returns.
+    Returns what :func:`fmlm_stage1_loss` returns; ``compute_dtype`` as there. The
+    student's output layer, softmax and squared error run in chunks inside its forward
+    (``head``: :func:`flm.model.losses.linear_map_error`), so the only (B, L, V) tensors
+    are x_s and the target (built a quarter of the batch at a time).
     """
     G_s, G_t = _G(tau, s), _G(tau, t)
-    x_s = _noisy_state(x1_ids, G_s, teacher, generator)
-    with torch.no_grad():
-        target_clean = stage1_clean(teacher(x_s, s), stage1_g(x_s, s, t), G_s, G_t)
+    x_s = noisy_state(x1_ids, G_s, teacher.tok_emb.num_embeddings, generator)
+    x_in = _as_input(x_s, compute_dtype)
+    del x_s  # the squared error of the maps does not need x_s itself (it cancels)
+    a = 0.5 * (G_t - G_s) * _one_minus(G_s)
+    target = torch.empty(x_in.shape, dtype=torch.float32, device=x_in.device)
+    with torch.no_grad():  # c_{s,t} = p_s + 0.5 Delta (1 - G_s) g(x_s, s, t), a quarter batch at a time
+        for c in _chunks(x_in.shape[0]):
+            part = stage1_g(x_in[c], s[c], t[c]).float().mul_(_bcast(a[c]))
+            target[c] = part.add_(softmax_(teacher(x_in[c], s[c])))
+            del part
     r = ((G_t - G_s) / _one_minus(G_s)).clamp(0.0, 1.0)
-    err = _bcast(r) * (target_clean - _probs(student_h(x_s, s, t)))
-    return _reduce(err.square().sum(-1), s, t, weighting)
+    head = functools.partial(linear_map_error, target=target, coeff=r.square().float()[:, None], softmax=True)
+    return _reduce(student_h(x_in, s, t, head=head), s, t, weighting)
 
 
 CleanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -45,6 +45,7 @@ import runpy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -157,6 +158,15 @@ class _StepTracker(MemTracker):
         if total > self._peak_total:
             self._peak_total = total
             self.peak_phase = self.phase + (" (backward)" if self._mod_tracker.is_bw else "")
+
+
+def peak_bytes(fn: Callable[[], Any], vocab_size: int, seq_len: int) -> int:
+    """Peak bytes of the tensors ``fn()`` creates or touches, by the tracker of the plans
+    (real or fake tensors; tools/bench.py and the distillation memory test use it)."""
+    tracker = _StepTracker(vocab_size, seq_len)
+    with tracker:
+        fn()
+    return int(tracker._peak_total)
 
 
 @dataclass

@@ -190,6 +190,8 @@ def test_plot_is_a_png(evaluated) -> None:
     ({"expect_kind": "flow_map"}, "--expect_kind='flow_map'"),
     ({"kind_suffix": ":fmlm_stage2"}, "'flm' checkpoint, but 'fmlm_stage2' was asked for .PATH:KIND"),
     ({"kind_suffix": ":stage9"}, "--checkpoints: unknown kind 'stage9'"),
+    ({"kind_suffix": "@1+x"}, "expected step counts like @1.4"),
+    ({"kind_suffix": ":flm@0"}, "step counts must be >= 1"),
     ({"checkpoints": "no/such/checkpoint"}, "--checkpoints: no/such/checkpoint"),
     ({"reference": "test"}, "--reference=test: .*no split 'test'"),
     ({"protocol": "gpt"}, "--protocol='gpt': expected one of flm, paper"),
@@ -199,6 +201,17 @@ def test_bad_arguments_name_the_argument(trained, tmp_path, overrides, message) 
               "num_samples": 4, "out": str(tmp_path), "progress": False, **overrides}
     with pytest.raises(EvalArgumentError, match=message):
         evaluate(**kwargs)
+
+
+def test_per_checkpoint_step_counts(trained) -> None:
+    """PATH[:KIND]@N+M evaluates that checkpoint at its own step counts (study headline rows)."""
+    from flm.eval.harness import parse_checkpoint, resolve_models
+
+    path = str(trained.checkpoint)
+    assert parse_checkpoint(f"{path}:flm@1+4") == (trained.checkpoint, "flm", (1, 4))
+    assert parse_checkpoint(path) == (trained.checkpoint, None, None)
+    (model,) = resolve_models(f"{path}@64", None)
+    assert model.steps == (64,) and model.kind == "flm"
 
 
 def test_tokenizer_mismatch(trained, tmp_path) -> None:

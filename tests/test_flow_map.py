@@ -29,17 +29,17 @@ def tiny_dit(two_times: bool, seed: int = 0, randomize: bool = True) -> DiT:
 
 
 class Counting(nn.Module):
-    """Wraps a model; records whether grad mode was on at each call, and what it returned."""
+    """Wraps a model; records whether grad mode was on at each call, and a copy of what it returned."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner, self.grad_modes, self.outputs = inner, [], []
         self.tok_emb = inner.tok_emb
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        out = self.inner(*args)
+    def forward(self, *args: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.inner(*args, **kwargs)
         self.grad_modes.append(torch.is_grad_enabled())
-        self.outputs.append(out)
+        self.outputs.append(out.detach().clone())  # the losses work in place on no-grad outputs
         return out
 
 
@@ -149,8 +149,8 @@ def test_stage1_loss_matches_the_spec_formula_and_gradient():
     torch.testing.assert_close(per_example, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss_sum, per_example.sum())
     assert stats["n_examples"] == B and stats["n_tokens"] == B * L
-    for got, p in zip(grads, student.parameters()):
-        torch.testing.assert_close(got, p.grad, rtol=1e-3, atol=1e-5)
+    for got, p in zip(grads, student.parameters()):  # float32 rounding, relative to each tensor's scale
+        torch.testing.assert_close(got, p.grad, rtol=1e-3, atol=1e-5 * p.grad.abs().max().item())
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -161,9 +161,9 @@ def test_stage1_call_counts_and_no_gradient_through_the_target(weighted):
     s, t = times()
     loss_sum, per_example, _ = fm.fmlm_stage1_loss(student, teacher, ids(), s, t, tau,
                                                    torch.Generator().manual_seed(0), weighting)
-    assert teacher.grad_modes == [False, False]  # D(x_s, s) is reused by the prediction
-    assert sorted(student.grad_modes) == [False, False, True]
-    assert all(o.grad_fn is None and not o.requires_grad for o, m in zip(student.outputs, student.grad_modes) if not m)
+    chunks = len(fm._chunks(B))  # the no-grad target is built a quarter batch at a time
+    assert teacher.grad_modes == [False, False] * chunks  # D(x_s, s) is reused by the prediction
+    assert student.grad_modes == [False, False] * chunks + [True]
     assert per_example.shape == (B,) and loss_sum.grad_fn is not None
     loss_sum.backward()
     assert all(p.grad is not None for p in student.parameters())
@@ -176,11 +176,13 @@ def test_stage2_call_counts_and_the_map_error():
     s, t = times(6)
     x1 = ids(1)
     _, per_example, _ = fm.fmlm_stage2_loss(h, teacher, g, x1, s, t, tau, torch.Generator().manual_seed(2))
-    assert teacher.grad_modes == [False] and g.grad_modes == [False] and h.grad_modes == [True]
+    chunks = len(fm._chunks(B))
+    assert teacher.grad_modes == [False] * chunks and g.grad_modes == [False] * chunks and h.grad_modes == [True]
     x_s = interpolate(x1, torch.randn(B, L, V, generator=torch.Generator().manual_seed(2)), tau(s))
     G_s, G_t = tau(s.double()), tau(t.double())
-    target = fm.stage1_map(teacher.outputs[0], g.outputs[0], x_s, G_s, G_t)
-    pred = fm.stage2_map(h.outputs[0], x_s, G_s, G_t)
+    target = fm.stage1_map(torch.cat(teacher.outputs), torch.cat(g.outputs), x_s, G_s, G_t)
+    with torch.no_grad():  # (h returned its chunked squared error, not logits)
+        pred = fm.stage2_map(h.inner(x_s, s, t), x_s, G_s, G_t)
     torch.testing.assert_close(per_example, (target - pred).square().sum(-1).mean(-1), rtol=1e-4, atol=1e-7)
 
 
@@ -280,9 +282,11 @@ def test_target_dropout_switch():
         torch.manual_seed(dropout_seed)
         _, per_example, _ = fm.fmlm_stage1_loss(student, teacher, x1, s, t, tau, torch.Generator().manual_seed(0),
                                                 target_dropout=target_dropout)
-        assert student.grad_modes == [False, False, True]  # the two target forwards, then the prediction
+        n = len(fm._chunks(B))  # the two target forwards per quarter batch, then the prediction
+        assert student.grad_modes == [False, False] * n + [True]
         assert student.training and all(m.training for m in student.modules())
-        return student, [o.detach() for o in student.outputs], per_example.detach()
+        out = [o.detach() for o in student.outputs]
+        return student, [torch.cat(out[0:2 * n:2]), torch.cat(out[1:2 * n:2]), out[-1]], per_example.detach()
 
     student, off_a, loss_off_a = run(False, 0)
     _, off_b, _ = run(False, 1)
@@ -298,7 +302,8 @@ def test_target_dropout_switch():
         eval_net = _dropout_student().eval()
         x_s = interpolate(x1, torch.randn(B, L, V, generator=torch.Generator().manual_seed(0)), tau(s))
         u = s + 0.5 * (t - s)
-        torch.testing.assert_close(off_a[0], eval_net(x_s, s, u))
+        # (the target forwards run a quarter batch at a time: other matmul shapes, float32 rounding)
+        torch.testing.assert_close(off_a[0], eval_net(x_s, s, u), rtol=2e-5, atol=1e-5)
     with pytest.raises(TypeError, match="nn.Module"):
         fm.fmlm_stage1_loss(lambda x, a, b: student(x, a, b), teacher, x1, s, t, tau,
                             torch.Generator().manual_seed(0), target_dropout=False)

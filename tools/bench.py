@@ -5,6 +5,7 @@
     pretokenize   pretokenize throughput and shard compression ratio on the embedded corpus
     teacher_step  FLM training step vs the token-lookup step (same output + loss) and the dense path
     compile_step  FLM training step with dist.compile (torch.compile per block) vs eager
+    distill_step  FMLM distillation steps (both stages) vs their plain-autograd form (tools/distill_reference.py)
 
 Each command is a function registered in ``COMMANDS``.
 """
@@ -371,8 +372,116 @@ def compile_step(vocab_size: int = 1024, seq_len: int = 64, dim: int = 128, laye
           f"({e['wall_s'] / c['wall_s']:.2f}x by wall time), {c['warmup_s'] - e['warmup_s']:.0f} s of compilation")
 
 
+def _distill_step_worker(impl: str, stage: int, vocab_size: int, seq_len: int, batch: int, dim: int, layers: int,
+                         steps: int, threads: int, queue) -> None:
+    """One implementation of one distillation stage in a fresh process (its peak RSS is its own)."""
+    import copy
+    import dataclasses
+    import resource
+
+    from flm.config import ModelConfig
+    from flm.flow import get_tau
+    from flm.flow_map import LossWeighting, sample_intervals
+    from flm.memplan import peak_bytes
+    from flm.model import DiT
+    from flm.rng import example_generators
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if impl == "reference":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import distill_reference as losses
+    else:
+        import flm.flow_map as losses
+    cfg = ModelConfig(vocab_size=vocab_size, seq_len=seq_len, dim=dim, n_layers=layers, n_heads=max(1, dim // 64),
+                      cond_dim=128)
+    teacher = DiT(cfg).eval().requires_grad_(False)
+    student = DiT(dataclasses.replace(cfg, two_times=True))
+    frozen_g = copy.deepcopy(student).eval().requires_grad_(False)
+    weighting = LossWeighting("s")
+    opt = torch.optim.AdamW([*student.parameters(), *weighting.parameters()], lr=1e-5)
+    tau = get_tau(vocab_size)
+    ids = torch.randint(0, vocab_size, (batch, seq_len))
+    index, cpu = torch.arange(batch), torch.device("cpu")
+
+    def loss_backward(i: int) -> None:
+        s, t = sample_intervals(batch, slice(None), torch.Generator().manual_seed(i), 64)
+        gens = example_generators(0, i, index, cpu)
+        if stage == 1:
+            loss = losses.fmlm_stage1_loss(student, teacher, ids, s, t, tau, gens, weighting)[0]
+        else:
+            loss = losses.fmlm_stage2_loss(student, teacher, frozen_g, ids, s, t, tau, gens, weighting)[0]
+        (loss / batch).backward()
+
+    def step(i: int) -> None:
+        loss_backward(i)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(-1)  # warm-up: allocator, optimizer state
+    # the forward + backward's peak, less the weights of the three networks and the
+    # student's gradients, which the tracker also counts once the step touches them
+    nets = (teacher, student, frozen_g, weighting)
+    weights = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
+    grads = sum(p.numel() * p.element_size() for net in (student, weighting) for p in net.parameters())
+    tracked = peak_bytes(lambda: loss_backward(-2), vocab_size, seq_len) - weights - grads
+    opt.zero_grad(set_to_none=True)
+    wall, cpu_s = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        step(i)
+    wall, cpu_s = time.perf_counter() - wall, time.process_time() - cpu_s
+    tokens = steps * batch * seq_len
+    queue.put({"tokens_per_cpu_s": tokens / cpu_s, "tokens_per_s": tokens / wall,
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "tracked_gib": tracked / 2**30})
+
+
+def distill_step(vocab_size: int = 32000, seq_len: int = 256, batch: int = 8, dim: int = 256, layers: int = 4,
+                 steps: int = 2, repeats: int = 3, threads: int = 1, stages: tuple[int, ...] = (1, 2)) -> None:
+    """Peak memory and tokens/s of the FMLM distillation steps against their pre-issue-10 form, CPU.
+
+    ``reference`` is ``tools/distill_reference.py`` (plain autograd, every (B, L, V)
+    intermediate in float32), ``lean`` is :mod:`flm.flow_map` (in-place dense states,
+    quarter-batch targets, chunked output layer and squared error). Each (stage,
+    implementation) runs ``repeats`` times in a fresh process, interleaved. Memory: the
+    peak of the tensors of one forward + backward as the memory plans count them
+    (:func:`flm.memplan.peak_bytes`) less the networks' weights and the gradients, i.e.
+    the dense states, targets, outputs and activations that the issue's target is about
+    (at full size they dominate: 37 of 50 GiB per GPU at owt_small); and the process's
+    peak RSS (weights, optimizer state and the Python process included). Speed: tokens
+    per CPU second (``threads`` torch threads). Medians over the repeats.
+    """
+    import multiprocessing as mp
+    import statistics
+
+    ctx = mp.get_context("spawn")
+    print(f"DiT {dim}x{layers}, V={vocab_size}, L={seq_len}, batch {batch}, {steps} timed steps x {repeats} "
+          f"interleaved runs, {threads} thread(s); medians; one (B, L, V) float32 tensor = "
+          f"{batch * seq_len * vocab_size * 4 / 2**30:.3f} GiB")
+    for stage in tuple(stages) if isinstance(stages, (tuple, list)) else (int(stages),):
+        runs: dict[str, list[dict]] = {"reference": [], "lean": []}
+        for r in range(repeats):
+            for impl in (("reference", "lean") if r % 2 == 0 else ("lean", "reference")):
+                queue = ctx.Queue()
+                proc = ctx.Process(target=_distill_step_worker, args=(impl, stage, vocab_size, seq_len, batch, dim,
+                                                                      layers, steps, threads, queue))
+                proc.start()
+                runs[impl].append(queue.get())
+                proc.join()
+        med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
+        print(f"stage {stage}: impl        tokens/CPU-s  tokens/s (wall)  activations GiB  peak RSS GiB")
+        for impl, m in med.items():
+            print(f"         {impl:10s} {m['tokens_per_cpu_s']:12.0f}  {m['tokens_per_s']:15.0f}  "
+                  f"{m['tracked_gib']:15.3f}  {m['peak_rss_gib']:12.2f}")
+        a, b = med["lean"], med["reference"]
+        print(f"stage {stage}: lean / reference: {a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x tokens/CPU-s, "
+              f"{a['tracked_gib'] / b['tracked_gib']:.2f}x activation peak (target <= 0.5x), "
+              f"{a['peak_rss_gib'] / b['peak_rss_gib']:.2f}x peak RSS")
+
+
 COMMANDS: dict[str, Callable[..., None]] = {"reader": reader, "pretokenize": pretokenize,
-                                            "teacher_step": teacher_step, "compile_step": compile_step}
+                                            "teacher_step": teacher_step, "compile_step": compile_step,
+                                            "distill_step": distill_step}
 
 if __name__ == "__main__":
     fire.Fire(COMMANDS)

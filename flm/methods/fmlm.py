@@ -76,12 +76,13 @@ class _FlowMap:
     def __init__(self, cfg_flow: FlowConfig, seq_len: int, vocab_size: int, teacher: nn.Module | None,
                  stage1: nn.Module | None, weighting: nn.Module | None, boundary_prob: int,
                  provenance: dict[str, dict[str, str]], target_dropout: bool = True,
-                 frozen_dtype: torch.dtype | None = None) -> None:
+                 frozen_dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None) -> None:
         self.seq_len, self.vocab_size = seq_len, vocab_size
         self.tau = time_map(vocab_size, cfg_flow.use_tau)
         self.teacher, self.stage1, self.weighting = teacher, stage1, weighting
         self.boundary_prob, self.provenance, self.target_dropout = boundary_prob, provenance, target_dropout
         self.frozen_dtype = frozen_dtype  # replicated frozen nets are cast to it after init_model
+        self.compute_dtype = compute_dtype  # the networks' input dtype: dense states are cast once to it
         self.weighted = weighting is not None
         self.extra_modules = {"weighting": weighting} if weighting is not None else {}
         self.dense_input = True
@@ -131,7 +132,8 @@ class _FlowMap:
         log.info("distillation stage %d from %s (frozen networks %s)", cls.stage, provenance, placement)
         frozen_dtype = torch.bfloat16 if placement == "replicated" and precision == "bf16" else None
         return cls(cfg.flow, cfg.model.seq_len, cfg.model.vocab_size, teacher, stage1, weighting,
-                   d.boundary_prob, provenance, d.target_dropout, frozen_dtype)
+                   d.boundary_prob, provenance, d.target_dropout, frozen_dtype,
+                   torch.bfloat16 if precision == "bf16" else None)
 
     def init_model(self, model: nn.Module) -> None:
         """Student <- teacher (fp32 weights); then replicated frozen nets drop to the compute
@@ -153,10 +155,12 @@ class _FlowMap:
         s, t = sample_intervals(batch.num_global, batch.index, batch.shared, self.boundary_prob)
         if self.stage == 1:  # a two-time DiT is called as g(x, s, t)
             loss_sum, _, stats = fmlm_stage1_loss(model, self.teacher, batch.ids, s, t, self.tau, batch.gens,
-                                                  self.weighting, target_dropout=self.target_dropout)
+                                                  self.weighting, target_dropout=self.target_dropout,
+                                                  compute_dtype=self.compute_dtype)
         else:
             loss_sum, _, stats = fmlm_stage2_loss(model, self.teacher, self.stage1, batch.ids, s, t,
-                                                  self.tau, batch.gens, self.weighting)
+                                                  self.tau, batch.gens, self.weighting,
+                                                  compute_dtype=self.compute_dtype)
         length = batch.ids.shape[1]
         return LossOutput(loss_sum * length, stats["raw_loss_sum"] * length, stats["raw_per_example"], t - s)
 

@@ -26,6 +26,8 @@ called as ``block(h, c, rope)``), ``final`` (its projection is ``final.linear``)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,6 +37,9 @@ from flm.config import ModelConfig
 from flm.flow import embed_noisy_tokens
 from flm.model.attention import attention
 from flm.model.losses import TokenLoss, linear_cross_entropy
+
+# A loss on the output layer: head(features (B, L, d), W_out (V, d), b_out (V,)) -> anything.
+Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
 
 _INIT_STD = 0.02
 
@@ -225,6 +230,7 @@ class DiT(nn.Module):
         noise: torch.Tensor | None = None,
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
+        head: Head | None = None,
     ) -> torch.Tensor | TokenLoss:
         """Logits D(x, t) (or g(x, s=t, t=t2) for a two-time model), shape (B, L, V).
 
@@ -240,6 +246,9 @@ class DiT(nn.Module):
         ``targets`` (B, L) ids: return their cross entropy under the logits instead,
         a :class:`flm.model.losses.TokenLoss` computed in chunks without the (B, L, V)
         logits (here, so that the output layer is unsharded under FSDP2).
+        ``head``: return ``head(features, W_out, b_out)`` instead of the logits, where
+        features (B, L, d) are the final layer's input to its linear map: a loss that
+        reduces the output projection in chunks (FMLM's :func:`flm.model.losses.linear_map_error`).
         """
         w_in = self.tok_emb.weight
         if g is not None:
@@ -248,11 +257,11 @@ class DiT(nn.Module):
             h = x.to(w_in.dtype) @ w_in[: x.shape[-1]]
         else:
             h = self.tok_emb(x)
-        return self.forward_embedded(h, t, t2, cache=cache, targets=targets)
+        return self.forward_embedded(h, t, t2, cache=cache, targets=targets, head=head)
 
     def forward_embedded(
         self, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None, cache: KVCache | None = None,
-        targets: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None, head: Head | None = None,
     ) -> torch.Tensor | TokenLoss:
         """Logits (or, with ``targets``, their TokenLoss) from an embedded input h = x @ W_in (B, L, d)."""
         c = self.condition(t, t2)
@@ -262,6 +271,8 @@ class DiT(nn.Module):
             h = block(h, c, rope) if cache is None else block(h, c, rope, (cache, i))
         if cache is not None:
             cache.length += h.shape[1]
+        if head is not None:
+            return head(self.final.features(h, c), self.final.linear.weight, self.final.linear.bias)
         return self.final(h, c) if targets is None else self.final.loss(h, c, targets)
 
     def num_params(self, exclude_embedding: bool = False) -> int:

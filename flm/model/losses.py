@@ -1,4 +1,6 @@
-"""Output projection + cross entropy without the (tokens, V) logits held at once.
+"""Output projection + loss without the (tokens, V) outputs held at once: the cross
+entropy of the teachers (below) and the squared map errors of FMLM distillation
+(:func:`linear_map_error`, at the end).
 
     CE_i = logsumexp_v(h_i W^T + b)_v - (h_i W^T + b)_{y_i},   loss = sum_i CE_i.
 
@@ -132,3 +134,85 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     for s in range(0, h2.shape[0], chunk):
         ce[s:s + chunk] = _chunk_ce(F.linear(h2[s:s + chunk], weight, bias).float(), y[s:s + chunk])
     return TokenLoss(ce.sum(), ce.view(shape))
+
+
+# --------------------------------------------------------------------------- map errors
+
+
+def _chunk_map_error(out: torch.Tensor, target: torch.Tensor, coeff: torch.Tensor,
+                     softmax: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(error e, softmax q or None) of one chunk's float32 outputs, in ``out``'s buffer."""
+    if softmax:
+        q = torch.softmax(out, dim=-1)
+        return out.copy_(target).sub_(q), q
+    return out.mul_(-coeff[:, None]).add_(target), None
+
+
+class _LinearMapError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                target: torch.Tensor, coeff: torch.Tensor, softmax: bool, chunk: int) -> torch.Tensor:
+        loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, min(start + chunk, h.shape[0]))
+            err, _ = _chunk_map_error(F.linear(h[rows], weight, bias).float(), target[rows], coeff[rows], softmax)
+            loss[rows] = torch.linalg.vector_norm(err, dim=-1).square()
+        if softmax:
+            loss.mul_(coeff)
+        ctx.save_for_backward(h, weight, bias, target, coeff)
+        ctx.options = (softmax, chunk)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
+        h, weight, bias, target, coeff = ctx.saved_tensors
+        softmax, chunk = ctx.options
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if want_b else None
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, min(start + chunk, h.shape[0]))
+            hc = h[rows]
+            err, q = _chunk_map_error(F.linear(hc, weight, bias).float(), target[rows], coeff[rows], softmax)
+            # d loss / d e = 2 e (stage 1: e = T - c g, so d/dg = -2 c e; stage 2: d/dq = -2 c e)
+            grad = err.mul_((-2.0 * coeff[rows] * grad_loss[rows])[:, None])
+            if softmax:  # through the softmax: q * (dq - sum_v q dq)
+                grad.sub_((q * grad).sum(-1, keepdim=True)).mul_(q)
+            grad = grad.to(h.dtype)
+            if want_h:
+                torch.mm(grad, weight, out=grad_h[rows])
+            if want_w:
+                grad_w.add_(grad.mT @ hc)
+            if want_b:
+                grad_b.add_(grad.sum(0, dtype=torch.float32))
+            del grad, q
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def linear_map_error(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                     coeff: torch.Tensor, softmax: bool, chunk: int | None = None) -> torch.Tensor:
+    """Per-token squared error of the output layer against a fixed float32 target, in chunks.
+
+    With o = h W^T + b (computed as ``F.linear`` in h's dtype, then float32):
+
+    * ``softmax=False`` (FMLM stage 1, raw outputs g = o):  loss = sum_v (target - coeff g)_v^2
+    * ``softmax=True``  (FMLM stage 2, logits h = o):       loss = coeff sum_v (target - softmax(o))_v^2
+
+    ``h`` (..., d), ``target`` (..., V), ``coeff`` (...) per token; returns the loss (...),
+    differentiable in h, weight and bias (first order). Neither the outputs nor the error are
+    kept for the whole input: the forward reduces them chunk by chunk, and the backward
+    recomputes each chunk's outputs (one extra output-layer matmul) and turns them into its
+    share of the gradients, so the memory is h, the target and one chunk (``chunk`` tokens,
+    by default a quarter of :func:`chunk_tokens`: 256 MiB of float32 outputs on GPUs). Call it inside the
+    root module's forward under FSDP2 (the DiT does, given ``head``).
+    """
+    shape = target.shape[:-1]
+    h2, t2 = h.reshape(-1, h.shape[-1]), target.reshape(-1, target.shape[-1])
+    c2 = coeff.expand(shape).reshape(-1).float()
+    if h2.shape[0] != t2.shape[0]:
+        raise ValueError(f"h {tuple(h.shape)} and target {tuple(target.shape)} disagree on the tokens")
+    # a quarter of the cross entropy's chunk: a backward chunk holds about three (chunk, V) buffers
+    chunk = max(1, chunk_tokens(weight.shape[0], h.device) // 4) if chunk is None else chunk
+    return _LinearMapError.apply(h2, weight, bias, t2, c2, softmax, chunk).view(shape)
