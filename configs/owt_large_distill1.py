@@ -10,8 +10,8 @@ are carried over unchanged.
 Memory per GPU, GiB (tools/memplan.py): 4 node(s) x 8 GPUs, micro-batch 4 x 1,
   checkpointing selective, frozen nets replicated:
   before the step: params 0.69, optimizer 1.39, ema 0.69, frozen 2.78
-  peak 14.74 (budget 70) in micro-batch 1/1: the above + (B,L,V) 4.98, activations 4.20
-  largest micro-batch within 70: 4 (all of the per-GPU batch), peak 14.74
+  peak 12.00 (budget 70) in micro-batch 1/1 (backward): the above + (B,L,V) 1.15, activations 4.58, temporaries 0.71
+  largest micro-batch within 70: 4 (all of the per-GPU batch), peak 12.00
 
     torchrun --nnodes 4 --nproc_per_node 8 ... run/train.py --config configs/owt_large_distill1.py
 """

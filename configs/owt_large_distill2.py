@@ -5,9 +5,9 @@ As configs/owt_small_distill2.py (batch 512, boundary 1/128, no learned weightin
 Memory per GPU, GiB (tools/memplan.py): 4 node(s) x 8 GPUs, micro-batch 16 x 1,
   checkpointing selective, frozen nets replicated:
   before the step: params 0.69, optimizer 1.39, ema 0.69, frozen 5.55
-  peak 41.99 (budget 70) in micro-batch 1/1 (backward): the above + (B,L,V) 16.87, activations 16.78
-  largest micro-batch within 70: 16 (all of the per-GPU batch), peak 41.99
-Checkpointing off / full: 61.5 / 27.0 GiB; FSDP-sharded frozen nets: 37.8 GiB.
+  peak 30.88 (budget 70) in micro-batch 1/1 (backward): the above + (B,L,V) 4.60, activations 17.17, temporaries 0.78
+  largest micro-batch within 70: 16 (all of the per-GPU batch), peak 30.88
+Checkpointing off / full: 53.4 / 16.0 GiB.
 
     torchrun --nnodes 4 --nproc_per_node 8 ... run/train.py --config configs/owt_large_distill2.py
 """
@@ -21,5 +21,5 @@ config = apply_overrides(load_config(Path(__file__).with_name("owt_small_distill
     "distill.teacher": "runs/owt_large/checkpoints/step_00500000",
     "distill.stage1": "runs/owt_large_distill1/checkpoints/step_01000000",
     "dist.replicate": -1,
-    "grad_accum": 1,  # 16 sequences per GPU in one micro-batch (the small model's stage 2 needs 2)
+    "grad_accum": 1,  # 16 sequences per GPU in one micro-batch
 })

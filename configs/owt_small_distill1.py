@@ -28,11 +28,12 @@ example and s ~ U[0, 1 - d].
 Memory per GPU, GiB (tools/memplan.py): 1 node(s) x 8 GPUs, micro-batch 16 x 1,
   checkpointing selective, frozen nets replicated:
   before the step: params 0.08, optimizer 0.16, ema 0.08, frozen 0.32
-  peak 25.17 (budget 70) in micro-batch 1/1: the above + (B,L,V) 24.54
-  largest micro-batch within 70: 16 (all of the per-GPU batch), peak 25.17
+  peak 12.90 (budget 70) in micro-batch 1/1: the above + (B,L,V) 12.27
+  largest micro-batch within 70: 16 (all of the per-GPU batch), peak 12.90
 The peak is in the no-gradient target (dense (B, L, V) states and teacher/student
-outputs), so checkpointing barely matters (off / full: 27.4 / 25.2 GiB); FSDP-sharded
-frozen nets (distill.frozen_placement=sharded) would save 0.3 GiB.
+outputs, a quarter of the batch at a time), so checkpointing barely matters (off / full:
+13.1 / 12.9 GiB); FSDP-sharded frozen nets (distill.frozen_placement=sharded) would save
+at most their 0.3 GiB.
 """
 
 from flm.config import Config, DataConfig, DistConfig, DistillConfig, ModelConfig, OptimConfig

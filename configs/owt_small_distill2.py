@@ -18,13 +18,13 @@ last one (override distill.stage1 to use an earlier one).
         --distill.teacher=runs/owt_small/checkpoints/step_01000000 \
         --distill.stage1=runs/owt_small_distill1/checkpoints/step_01000000
 
-Two micro-batches of 32 per GPU (grad_accum=2): one micro-batch of 64 peaks at
-81.2 GiB (tools/memplan.py; 67.5 GiB of it (B, L, V) tensors), over an 80 GB card.
-Memory per GPU, GiB (tools/memplan.py): 1 node(s) x 8 GPUs, micro-batch 32 x 2,
+One micro-batch of 64 per GPU. Before the memory-lean distillation losses it peaked at
+81.2 GiB there (over an 80 GB card; 67.5 GiB of (B, L, V) tensors) and ran as 2 x 32.
+Memory per GPU, GiB (tools/memplan.py): 1 node(s) x 8 GPUs, micro-batch 64 x 1,
   checkpointing selective, frozen nets replicated:
   before the step: params 0.08, optimizer 0.16, ema 0.08, frozen 0.63
-  peak 41.72 (budget 70) in micro-batch 2/2 (backward): the above + (B,L,V) 33.74, activations 6.40, temporaries 0.63
-  largest micro-batch within 70: 32, peak 41.72
+  peak 32.69 (budget 70) in micro-batch 1/1: the above + (B,L,V) 18.41, activations 13.34
+  largest micro-batch within 70: 64 (all of the per-GPU batch), peak 32.69
 """
 
 from pathlib import Path
@@ -35,7 +35,7 @@ config = apply_overrides(load_config(Path(__file__).with_name("owt_small_distill
     "objective": "fmlm_stage2",
     "out_dir": "runs/owt_small_distill2",
     "batch_size": 512,
-    "grad_accum": 2,
+    "grad_accum": 1,  # 64 sequences per GPU in one micro-batch (32.7 GiB)
     "distill.stage1": "runs/owt_small_distill1/checkpoints/step_01000000",
     "distill.boundary_prob": 128,
     "distill.weighting": "none",
