@@ -183,6 +183,20 @@ def pretokenize(text_dir: str = str(CORPUS_TEXT), vocab_size: int = 8192, worker
             print(line + ("  (default)" if frame_tokens == DEFAULT_FRAME_TOKENS else ""))
 
 
+def _timed_steps(step: Callable[[int], None], steps: int, tokens_per_step: int) -> dict[str, float]:
+    """Run ``step(0..steps-1)``: tokens per CPU second and per wall second, and the
+    process's peak RSS so far (the worker processes' measurement)."""
+    import resource
+
+    wall, cpu_s = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        step(i)
+    wall, cpu_s = time.perf_counter() - wall, time.process_time() - cpu_s
+    tokens = steps * tokens_per_step
+    return {"tokens_per_cpu_s": tokens / cpu_s, "tokens_per_s": tokens / wall,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 TEACHER_PATHS = ("lookup", "low-rank", "dense", "lookup-logits")
 
 
@@ -197,8 +211,6 @@ def _teacher_step_worker(path: str, vocab_size: int, seq_len: int, batch: int, d
                    and ``F.cross_entropy`` (the teacher step before issue 10 without the shortcut)
     lookup-logits  token lookup with (B, L, V) logits and ``F.cross_entropy`` (MDLM's loss today)
     """
-    import resource
-
     import torch.nn.functional as F
 
     from flm.config import ModelConfig
@@ -238,14 +250,7 @@ def _teacher_step_worker(path: str, vocab_size: int, seq_len: int, batch: int, d
         opt.zero_grad(set_to_none=True)
 
     step(-1)  # warm-up: allocator, optimizer state
-    wall, cpu_s = time.perf_counter(), time.process_time()
-    for i in range(steps):
-        step(i)
-    wall, cpu_s = time.perf_counter() - wall, time.process_time() - cpu_s
-    tokens = steps * batch * seq_len
-    queue.put({"tokens_per_cpu_s": tokens / cpu_s, "tokens_per_s": tokens / wall,
-               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "params_m": model.num_params() / 1e6})
+    queue.put({**_timed_steps(step, steps, batch * seq_len), "params_m": model.num_params() / 1e6})
 
 
 def teacher_step(vocab_size: int = 32000, seq_len: int = 256, batch: int = 8, dim: int = 256, layers: int = 4,
@@ -377,7 +382,6 @@ def _distill_step_worker(impl: str, stage: int, vocab_size: int, seq_len: int, b
     """One implementation of one distillation stage in a fresh process (its peak RSS is its own)."""
     import copy
     import dataclasses
-    import resource
 
     from flm.config import ModelConfig
     from flm.flow import get_tau
@@ -426,14 +430,7 @@ def _distill_step_worker(impl: str, stage: int, vocab_size: int, seq_len: int, b
     grads = sum(p.numel() * p.element_size() for net in (student, weighting) for p in net.parameters())
     tracked = peak_bytes(lambda: loss_backward(-2), vocab_size, seq_len) - weights - grads
     opt.zero_grad(set_to_none=True)
-    wall, cpu_s = time.perf_counter(), time.process_time()
-    for i in range(steps):
-        step(i)
-    wall, cpu_s = time.perf_counter() - wall, time.process_time() - cpu_s
-    tokens = steps * batch * seq_len
-    queue.put({"tokens_per_cpu_s": tokens / cpu_s, "tokens_per_s": tokens / wall,
-               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "tracked_gib": tracked / 2**30})
+    queue.put({**_timed_steps(step, steps, batch * seq_len), "tracked_gib": tracked / 2**30})
 
 
 def distill_step(vocab_size: int = 32000, seq_len: int = 256, batch: int = 8, dim: int = 256, layers: int = 4,
