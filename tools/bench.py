@@ -268,7 +268,7 @@ def teacher_step(vocab_size: int = 32000, seq_len: int = 256, batch: int = 8, di
     import multiprocessing as mp
     import statistics
 
-    paths = tuple(paths)
+    paths = tuple(p.strip() for p in paths.split(",")) if isinstance(paths, str) else tuple(paths)
     unknown = set(paths) - set(TEACHER_PATHS)
     if unknown or "low-rank" not in paths:
         sys.exit(f"bench: paths must include low-rank and be among {TEACHER_PATHS}, got {paths}")
