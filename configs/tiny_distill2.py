@@ -13,6 +13,6 @@ from flm.config import apply_overrides, load_config
 config = apply_overrides(load_config(Path(__file__).with_name("tiny_distill1.py")), {
     "objective": "fmlm_stage2",
     "out_dir": "runs/tiny_distill2",
-    "distill.stage1": "runs/tiny_distill1/checkpoints/step_00000150",
+    "distill.stage1": "runs/tiny_distill1/checkpoints/step_00000300",
     "distill.boundary_prob": 128,
 })

@@ -1,7 +1,7 @@
 """flm: flow-based language models (FLM) and flow-map distillation (FMLM).
 
     import flm
-    lm = flm.load("runs/tiny/checkpoints/step_00000600")
+    lm = flm.load("runs/tiny/checkpoints/step_00001500")
     print(lm.generate(num=2, steps=64, prompt="ROMEO:").texts)
 
 See :mod:`flm.api`.

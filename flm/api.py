@@ -2,7 +2,7 @@
 
     import flm
 
-    lm = flm.load("runs/tiny/checkpoints/step_00000600")        # or an exported .pt file
+    lm = flm.load("runs/tiny/checkpoints/step_00001500")        # or an exported .pt file
     out = lm.generate(num=4, steps=64, seed=0, prompt="ROMEO:")
     print(out.texts[0], out.nfe, out.seconds)
 

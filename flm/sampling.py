@@ -1,6 +1,6 @@
 """Generation from a trained model of any method, on one process.
 
-    sampler = load_sampler("runs/tiny/checkpoints/step_00000600")
+    sampler = load_sampler("runs/tiny/checkpoints/step_00001500")
     ids, nfe = sampler.generate(num=4, steps=8, generator=torch.Generator().manual_seed(0))
 
 The samplers themselves belong to their methods (``flm/methods/``); this module

@@ -1,7 +1,7 @@
 """Complete one prompt with several models and step counts, side by side, with timings.
 
-    python tools/side_by_side.py runs/tiny/checkpoints/step_00000600:64 \
-        runs/tiny_distill2/checkpoints/step_00000150:1,4 --prompt "ROMEO:"
+    python tools/side_by_side.py runs/tiny/checkpoints/step_00001500:64 \
+        runs/tiny_distill2/checkpoints/step_00000300:1,4 --prompt "ROMEO:"
 
 Each argument is ``CHECKPOINT[:STEPS]`` (steps comma-separated, default 64). The
 prompt is held fixed at the start of every sample (:func:`flm.load`). Prints one

@@ -1,6 +1,6 @@
 """A Gen-PPL-free quality proxy: score samples with the FLM teacher's own denoiser.
 
-    python tools/teacher_score.py runs/tiny/checkpoints/step_00000600 \
+    python tools/teacher_score.py runs/tiny/checkpoints/step_00001500 \
         --samples runs/tiny/samples.jsonl,runs/tiny_distill2/samples.jsonl
 
 For token sequences x (samples, or held-out windows as the data row), report

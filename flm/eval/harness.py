@@ -45,6 +45,7 @@ noise. Rank 0 gathers the ids (gloo), scores them and writes the outputs.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,8 @@ from flm.eval.genppl import PROTOCOLS
 from flm.eval.reference import split_at_eos, spread_windows
 from flm.loading import CheckpointError, read_config
 from flm.methods import METHODS
+
+log = logging.getLogger("flm")
 
 SMOLLM2 = "smollm2"
 DOCUMENT_SEPARATOR = "\n\n"  # between a sample's documents in the text MAUVE embeds
@@ -217,13 +220,13 @@ class RowScorer:
             self.embedder = EMBEDDER_NAME
 
     def __call__(self, name: str, samples: list[list[int]]) -> dict[str, Any]:
-        """Metrics of ``samples``; ValueError if every sample decodes to blank text."""
+        """Metrics of ``samples``. If every sample decodes to blank text (a sampler that
+        writes only EOS, e.g. a flow at one step) the row is kept with its entropy and
+        distinct-n but no Gen PPL or MAUVE (there is no text to score), and a warning
+        names it: a degenerate row is a result, not an error."""
         documents = [decode_documents(self.tokenizer, sample) for sample in samples]
         texts = [DOCUMENT_SEPARATOR.join(docs) for docs in documents]
         nonblank = [doc for docs in documents for doc in docs if doc.strip()]
-        if not nonblank:
-            raise ValueError(f"{name}: all {len(samples)} samples are empty after decoding (only EOS and "
-                             "whitespace); there is no text to score")
         row: dict[str, Any] = {
             "num_samples": len(samples),
             "empty_samples": sum(not text.strip() for text in texts),
@@ -233,6 +236,10 @@ class RowScorer:
             "scorer": self.scorer_name,
             "mauve": None, "mauve_clusters": self.clusters, "embedder": self.embedder,
         }
+        if not nonblank:
+            log.warning("%s: all %d samples are empty after decoding (only EOS and whitespace): "
+                        "no Gen PPL or MAUVE for this row", name, len(samples))
+            return row
         if self.scorer is not None:
             if self.protocol == "paper":  # whole samples, special tokens kept, batches of 8, cut at L scorer tokens
                 ppl = self.scorer.gen_ppl([self.tokenizer.decode_with_special_tokens(sample) for sample in samples],
