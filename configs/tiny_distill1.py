@@ -6,11 +6,11 @@ The student (teacher backbone + second time embedding, output layer zeroed)
 learns the residual g(x, s, t) of X_{s,t} = x + Delta v(x, s) + 0.5 Delta^2 g
 against the frozen teacher's two-half-step target (method.md section 2).
 
-Loss weighting w(s, t) (distill.weighting="st", here and in tiny_distill2.py), not the
-released w(s) / none of the paper configs: the README's tiny evaluation table and
-figures were made with it (it was the only weighting then), and keeping it keeps them
-reproducible. Switch with --distill.weighting=s (stage 1) / none (stage 2) for the
-released choice.
+The released choices, as the study's headline FMLM (tools/study.py, "fmlm_s1"/"fmlm"):
+a learned weighting w(s) here (distill.weighting="s") and none in stage 2, boundary
+intervals (0, 1) with probability 1/64 here and 1/128 in stage 2; 300 steps of batch 32
+per stage. The study's ablations (docs/results/ablations.md) score the other weightings
+and no boundary intervals against the same teacher.
 """
 
 from flm.config import Config, DataConfig, DistConfig, DistillConfig, ModelConfig, OptimConfig
@@ -30,7 +30,7 @@ config = Config(
     keep_checkpoints=1,
     model=ModelConfig(vocab_size=1024, seq_len=64),  # the rest comes from the teacher
     data=DataConfig(path="data/shakespeare/tokens", num_workers=1),
-    optim=OptimConfig(lr=1e-3, warmup_steps=20, schedule="constant", grad_clip=1.0, ema_decay=0.99),
-    distill=DistillConfig(teacher="runs/tiny/checkpoints/step_00001500", boundary_prob=64, weighting="st"),
+    optim=OptimConfig(lr=1e-3, warmup_steps=20, schedule="constant", grad_clip=1.0, ema_decay=0.995),
+    distill=DistillConfig(teacher="runs/tiny/checkpoints/step_00001500", boundary_prob=64, weighting="s"),
     dist=DistConfig(mixed_precision="fp32"),
 )
