@@ -1,6 +1,6 @@
 """Plot a run's training curves from its metrics.jsonl (needs matplotlib, in the eval extra).
 
-    python tools/plot_curves.py runs/tiny --out docs/tiny_curve.png
+    python tools/plot_curves.py runs/tiny --out runs/tiny/curve.png
 
 Left: training and validation loss against step. Right: the loss by time bucket
 (t for the FLM teacher, interval length t - s when distilling) at the last
