@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job on the embedded corpus, on CPU in about 15 minutes:
+# The README's main job on the embedded corpus, on CPU in about 10 minutes:
 #   fetch Shakespeare -> pretokenize -> train a tiny FLM -> sample at 1, 8, 64, 256 steps
 #   -> distil it into a flow map (stage 1) and an FMLM (stage 2) -> 1-step samples
 #   -> one prompt completed by the teacher (256 steps) and the FMLM (1 and 4 steps), side by side.
