@@ -225,3 +225,20 @@ def test_resume_refuses_another_model_objective_or_tokenizer(tmp_path, caplog):
     with caplog.at_level("INFO", logger="flm"):
         state(same, optim__lr=1e-3, log_every=5).check(path)  # allowed, and said so
     assert "log_every: 10 -> 5; optim.lr: 0.0003 -> 0.001" in caplog.text
+
+
+def test_single_process_save_and_load_run_no_collectives(tmp_path, mesh, monkeypatch):
+    """With one process, DCP's plan collectives are skipped (``no_dist``): gloo would run
+    them on its worker thread, whose OpenMP team then slows every later CPU step."""
+    import torch.distributed as dist
+
+    calls = []
+    for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list",
+                 "all_reduce", "barrier"):
+        original = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _name=name, _f=original, **k: (calls.append(_name), _f(*a, **k))[1])
+    path = _save(tmp_path, 7)
+    target = {"ema": {"w": torch.zeros(3, 2), "b": torch.zeros(4)}, "train": {"step": 0}}
+    ckpt.load(path, target)
+    assert target["train"]["step"] == 7
+    assert calls == []
