@@ -227,6 +227,35 @@ def test_paper_protocol_truncation_padding_and_dropped_batch(bigram_scorer) -> N
         bigram_scorer.gen_ppl([LONG], progress=False, protocol="mdlm")
 
 
+def test_next_token_nll_head_chunks_match_float64_logits(monkeypatch) -> None:
+    """The scored-positions-only, chunked output layer equals a float64 log-softmax of the
+    full logits, and so does the full-logits path that soft-capped models take."""
+    transformers = require("transformers")
+    from flm.eval import genppl
+    from flm.eval.genppl import Scorer
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    scorer = Scorer(model, WordTokenizer(), "tiny-llama", prefix_token_id=0, context_length=64)
+    input_ids = torch.randint(1, 97, (3, 12))
+    mask = torch.ones_like(input_ids)
+    mask[1, 7:] = 0  # right padding
+    scored = mask[:, 1:].bool().clone()
+    scored[2, :4] = False  # e.g. the paper protocol's unscored positions
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].double()
+        expected = -logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0][scored].sum()
+        monkeypatch.setattr(genppl, "_HEAD_CHUNK", 5)  # several chunks
+        fast, n = scorer._next_token_nll(input_ids, mask, scored)
+        model.config.logit_scale = 1.0  # counts as a scaled head (Llama ignores it): the full-logits path
+        full, n_full = scorer._next_token_nll(input_ids, mask, scored)
+    assert n == n_full == int(scored.sum())
+    assert fast == pytest.approx(float(expected), rel=1e-6)
+    assert full == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_paper_scored_tokens() -> None:
     from flm.eval.genppl import paper_scored_tokens
 
