@@ -223,7 +223,9 @@ def embed_noisy_tokens(
     if z is None:
         z = _normal((*ids.shape, dim), generator, w_in.device)
     g = _per_example(g.float(), 3)
-    h = (1.0 - g) * (z @ noise_factor(w_in)) + g * w_in[ids].float()
+    # F.embedding, not w_in[ids]: the backward of advanced indexing accumulates with
+    # atomic adds across threads on CPU (run-to-run different), embedding's does not.
+    h = (1.0 - g) * (z @ noise_factor(w_in)) + g * F.embedding(ids, w_in).float()
     return h.to(w_in.dtype)
 
 

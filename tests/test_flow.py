@@ -187,3 +187,26 @@ def test_small_vocab_falls_back_to_dense_noise() -> None:
     w = torch.randn(4, 8)
     h = embed_noisy_tokens(w, torch.tensor([[0, 3]]), torch.tensor([0.5]), torch.Generator().manual_seed(0))
     assert h.shape == (1, 2, 8) and torch.isfinite(h).all()
+
+
+def test_shortcut_gradient_is_run_to_run_identical_with_threads():
+    """W_in's gradient through the low-rank shortcut is bitwise the same on every call with
+    2 threads: W_in[x] accumulated its backward with atomic adds across threads (FLM runs
+    were not reproducible while MDLM and AR were); F.embedding's backward is ordered."""
+    from flm.flow import embed_noisy_tokens
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(256, 32, generator=gen, requires_grad=True)
+        ids = torch.randint(0, 256, (64, 64), generator=gen)  # many repeated ids
+        g, z = torch.rand(64, generator=gen), torch.randn(64, 64, 32, generator=gen)
+        grads = []
+        for _ in range(5):
+            w.grad = None
+            embed_noisy_tokens(w, ids, g, z=z).square().sum().backward()
+            grads.append(w.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
