@@ -72,12 +72,12 @@ def test_export_into_a_read_only_directory(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["full disk", "read-only"])
 def test_pretokenize_failure_leaves_no_dataset(tmp_path, tiny_text_dir, monkeypatch, kind):
-    from flm.data import shards
+    from flm.data import shard_writer
 
     pretokenize = load_data_tool("pretokenize").pretokenize
     out = tmp_path / "tokens"
     if kind == "full disk":  # ENOSPC in the middle of the shards, after some frames were written
-        real, calls = shards._ShardFile._write, []
+        real, calls = shard_writer._ShardFile._write, []
 
         def write(self, data):
             calls.append(len(data))
@@ -85,7 +85,7 @@ def test_pretokenize_failure_leaves_no_dataset(tmp_path, tiny_text_dir, monkeypa
                 raise ENOSPC
             real(self, data)
 
-        monkeypatch.setattr(shards._ShardFile, "_write", write)
+        monkeypatch.setattr(shard_writer._ShardFile, "_write", write)
         expected = "No space left on device"
     elif os.geteuid() != 0:
         tmp_path.chmod(0o555)
@@ -94,7 +94,7 @@ def test_pretokenize_failure_leaves_no_dataset(tmp_path, tiny_text_dir, monkeypa
         def copyfile(*args, **kwargs):
             raise PermissionError(errno.EACCES, "Permission denied", str(args[1]))
 
-        monkeypatch.setattr(shards.shutil, "copyfile", copyfile)
+        monkeypatch.setattr(shard_writer.shutil, "copyfile", copyfile)
         expected = "Permission denied"
     try:
         with pytest.raises(OSError, match=f"could not write the dataset {out} .*{expected}.*nothing was left"):

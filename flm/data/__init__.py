@@ -17,8 +17,8 @@ from flm.data.shards import (
     check_tokenizer,
     load_manifest,
     tokenizer_path,
-    write_dataset,
 )
+from flm.data.shard_writer import write_dataset
 from flm.data.tokenizer import Tokenizer, train_tokenizer
 
 _LOADER_NAMES = ("GlobalBatchSampler", "WindowDataset", "build_loader")
