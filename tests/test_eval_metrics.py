@@ -323,7 +323,8 @@ def test_gen_ppl_windows_and_empty_texts(scorer) -> None:
 
 
 def test_second_load_uses_dequantised_cache(scorer) -> None:
-    from flm.eval.genppl import _CACHE_MARKER, Scorer, default_cache_dir
+    from flm.eval.genppl import Scorer
+    from flm.eval.smollm2 import _CACHE_MARKER, default_cache_dir
 
     cache = default_cache_dir() / "smollm2-135m"
     weights = next(cache.glob("*.safetensors"))

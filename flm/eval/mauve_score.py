@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flm.eval.genppl import offline_hub
+from flm.eval.smollm2 import offline_hub
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
 MAX_CLUSTERS = 500
