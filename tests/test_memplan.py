@@ -1,4 +1,4 @@
-"""The memory plan (flm/memplan.py): every config's real step at full shape on fake tensors,
+"""The memory plan (flm/memplan/): every config's real step at full shape on fake tensors,
 and the planned peak against the peak measured on real tensors."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ sequence length costs seconds of CPU and no memory. The process group is torch's
 fake backend (``FakeStore``, ``backend="fake"``) with the configured world size,
 seen from rank 0: collectives are no-ops, shapes and shards are real. Memory is
 counted by torch's ``MemTracker`` (a dispatch mode that follows every tensor
-storage from allocation to free), so the peak is that of the allocations the step
+storage from allocation to free; :mod:`flm.memplan.tracker`), so the peak is that of the allocations the step
 makes, in the order it makes them.
 
 The device is the CPU: FSDP2 needs a CUDA build to put a mesh on "cuda", so the
@@ -25,7 +25,8 @@ Frozen networks of distillation come from checkpoints that need not exist: their
 configs are the checkpoint's own if it exists, else the config file of
 ``configs/`` whose ``out_dir`` holds the checkpoint path; they are built on fake
 tensors and placed exactly as :func:`flm.loading.frozen_skeleton` places them in
-training (through the ``frozen_loader`` seam of the distillation methods' ``build``).
+training (through the ``frozen_loader`` seam of the distillation methods' ``build``;
+:mod:`flm.memplan.frozen`).
 
 The step (:func:`_step`) is run/train.py's step written out again, since the loop
 there is one function: a change to what the loop does per step belongs here too. :func:`measure` runs the same step on real tensors (2 CPU processes,
@@ -38,135 +39,35 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import json
 import re
-import runpy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _RefType
 
-from flm.config import Config, ModelConfig, from_dict, load_config
+from flm.config import Config, load_config
 from flm.distributed import (DistInfo, apply_activation_checkpointing, build_mesh, local_tensor, materialize,
                              shard_model)
-from flm.loading import FrozenLoader, frozen_skeleton, read_config
 from flm.methods import METHODS, Batch
 from flm.methods.base import loss_by_bucket
 from flm.model import DiT
 from flm.optim import EMA, build_optimizer, clip_grad_norm
+from flm.memplan.frozen import ConfigResolver, SkeletonLoader, takes_frozen_loader, trained_model
+from flm.memplan.tracker import Mem, StepTracker, peak_bytes
 from flm.rng import example_generators, step_generator
+
+__all__ = ["BUDGET_GIB", "GIB", "ConfigResolver", "Mem", "Plan", "StepTracker", "largest_fitting", "intended_layout",
+           "measure", "measure_world", "peak_bytes", "plan", "trained_model"]
 
 GIB = 2**30
 # What a plan may use of an "80 GB" H100/A100 (79.6 GiB): ~10 GiB are left for the CUDA
 # context, NCCL's buffers and the caching allocator's fragmentation, which are not counted.
 BUDGET_GIB = 70.0
-
-
-class Mem(_RefType):
-    """What each tracked byte is (the categories of a plan)."""
-
-    PARAM = "params"  # trained parameters, fp32 shards
-    OPT = "optimizer"  # AdamW moments (and its step's temporaries)
-    EMA = "ema"  # fp32 shadow of the parameters' shards
-    FROZEN = "frozen"  # teacher / stage-1 map weights (replicated or shards)
-    GRAD = "grads"  # fp32 gradient shards once backward is done
-    VOCAB = "(B,L,V)"  # any (..., L, V)-shaped tensor: logits, probabilities, dense states, their gradients
-    ACT = "activations"  # other forward tensors: block activations, gathered weights
-    TEMP = "temporaries"  # other backward tensors: activation gradients, unsharded gradients
-
-
-_FROM_TORCH = {_MemRefType.OPT: Mem.OPT, _MemRefType.TEMP: Mem.TEMP, _MemRefType.ACT: Mem.ACT}
-
-
-class _StepTracker(MemTracker):
-    """torch's MemTracker with this project's categories and no per-module statistics.
-
-    Module statistics are not needed and assume each module runs once per step, while a
-    distillation step calls the student three times and the teacher twice. Every new
-    storage is labelled by when it is made (forward, backward, optimizer step), except
-    tensors whose last dimension is the vocabulary and that hold at least L x V
-    elements, which are counted apart (:attr:`Mem.VOCAB`).
-    """
-
-    def __init__(self, vocab_size: int, seq_len: int) -> None:
-        super().__init__()
-        self._ref_class = Mem
-        self.vocab_size, self.min_numel = vocab_size, vocab_size * seq_len
-        self.phase, self.peak_phase, self._peak_total = "setup", "", 0
-        self._propagating = 0
-
-    def __enter__(self):
-        # DTensor computes each op's output shape by running it on global-shape tensors in the
-        # active fake mode -- ours -- so those metadata-only tensors would count as memory.
-        from torch.distributed.tensor._sharding_prop import ShardingPropagator
-
-        self._orig_propagate = original = ShardingPropagator._propagate_tensor_meta_non_cached
-
-        def propagate(prop, op_schema):
-            self._propagating += 1
-            try:
-                return original(prop, op_schema)
-            finally:
-                self._propagating -= 1
-
-        ShardingPropagator._propagate_tensor_meta_non_cached = propagate
-        return super().__enter__()
-
-    def __exit__(self, *args):
-        from torch.distributed.tensor._sharding_prop import ShardingPropagator
-
-        ShardingPropagator._propagate_tensor_meta_non_cached = self._orig_propagate
-        return super().__exit__(*args)
-
-    def _pre_fw_hook(self, module, inputs) -> None:
-        pass
-
-    def _post_fw_hook(self, module, inputs, outputs) -> None:
-        pass
-
-    def _pre_bw_hook(self, module, args) -> None:
-        pass
-
-    def _post_bw_hook(self, module, args) -> None:
-        pass
-
-    def _update_and_maybe_create_winfos(self, t, reftype, update_existing=False):
-        return super()._update_and_maybe_create_winfos(t, _FROM_TORCH.get(reftype, reftype), update_existing)
-
-    def label(self, tensors, kind: Mem) -> None:
-        for t in tensors:
-            self._update_and_maybe_create_winfos(local_tensor(t), kind)
-
-    def _track(self, reftype, t: torch.Tensor) -> None:
-        if self._propagating:
-            return
-        kind = _FROM_TORCH.get(reftype, reftype)
-        if kind is not Mem.OPT and t.dim() >= 2 and t.shape[-1] >= self.vocab_size and t.numel() >= self.min_numel:
-            kind = Mem.VOCAB
-        super()._track(kind, t)
-
-    def _update_peak_stats(self, peak_state) -> None:
-        super()._update_peak_stats(peak_state)
-        total = sum(self._peak_mem.values())
-        if total > self._peak_total:
-            self._peak_total = total
-            self.peak_phase = self.phase + (" (backward)" if self._mod_tracker.is_bw else "")
-
-
-def peak_bytes(fn: Callable[[], Any], vocab_size: int, seq_len: int) -> int:
-    """Peak bytes of the tensors ``fn()`` creates or touches, by the tracker of the plans
-    (real or fake tensors; tools/bench.py and the distillation memory test use it)."""
-    tracker = _StepTracker(vocab_size, seq_len)
-    with tracker:
-        fn()
-    return int(tracker._peak_total)
 
 
 @dataclass
@@ -243,102 +144,6 @@ class Plan:
         return dataclasses.asdict(self) | {"peak_gib": round(self.peak_gib, 3)}
 
 
-# ---------------------------------------------------------------- frozen networks without checkpoints
-
-def _config_files(configs_dir: Path | None) -> dict[str, Path]:
-    """out_dir -> config file, for every config file of ``configs_dir``."""
-    found: dict[str, Path] = {}
-    for path in sorted(Path(configs_dir).glob("*.py")) if configs_dir else []:
-        cfg = runpy.run_path(str(path)).get("config")
-        if isinstance(cfg, Config):
-            found[str(Path(cfg.out_dir))] = path
-    return found
-
-
-def _run_dir(checkpoint: str) -> str:
-    """runs/x/checkpoints/step_N -> runs/x; runs/x/model.pt -> runs/x."""
-    path = Path(checkpoint)
-    return str(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
-
-
-class ConfigResolver:
-    """The config a checkpoint path was (or will be) trained with, without reading weights:
-    the checkpoint's stored config if it exists, else the config file whose ``out_dir``
-    holds the path."""
-
-    def __init__(self, configs_dir: Path | None) -> None:
-        self.by_out_dir = _config_files(configs_dir)
-        self.cache: dict[str, dict[str, Any]] = {}
-        self.sources: dict[str, str] = {}
-
-    def __call__(self, path: str) -> dict[str, Any] | None:
-        if path not in self.cache:
-            file = self.by_out_dir.get(_run_dir(path))
-            if Path(path).exists():
-                self.cache[path], self.sources[path] = read_config(path), "the checkpoint's config"
-            elif file is not None:
-                cfg = load_config(file)
-                cfg.model = trained_model(cfg, self)
-                self.cache[path], self.sources[path] = cfg.to_dict(), f"{file.name} (out_dir {cfg.out_dir})"
-            else:
-                return None
-        return self.cache[path]
-
-
-class _ConfigOnly(FrozenLoader):
-    """Reads frozen networks' configs; builds nothing (to learn what a config trains)."""
-
-    def __init__(self, resolve: ConfigResolver) -> None:
-        self.resolve = resolve
-
-    def config(self, path):
-        found = self.resolve(str(path))
-        if found is None:
-            raise FileNotFoundError(f"{path}: no checkpoint, and no config file with out_dir {_run_dir(path)}")
-        return found
-
-    def fingerprint(self, path):
-        return "memplan"
-
-    def load(self, path, mesh, precision, device, placement):
-        return None
-
-
-def _takes_frozen_loader(method_cls) -> bool:
-    return "frozen_loader" in inspect.signature(method_cls.build).parameters
-
-
-def trained_model(cfg: Config, resolve: ConfigResolver) -> ModelConfig:
-    """``cfg.model`` as the method's ``build`` sets it (a distillation student takes its
-    teacher's backbone), without loading or building any network."""
-    c = copy.deepcopy(cfg)
-    c.distill.weighting = "none"  # nothing to shard
-    method_cls = METHODS[c.objective]
-    kwargs = {"frozen_loader": _ConfigOnly(resolve)} if _takes_frozen_loader(method_cls) else {}
-    method_cls.build(c, None, torch.device("cpu"), **kwargs)
-    return c.model
-
-
-class _SkeletonLoader(_ConfigOnly):
-    """Frozen networks built from their configs on the current (fake) device, placed as in
-    training (:func:`flm.loading.frozen_skeleton`); with real tensors their weights are
-    small random numbers (the memory test needs finite values, not a trained teacher)."""
-
-    def __init__(self, resolve: ConfigResolver, fake: bool) -> None:
-        super().__init__(resolve)
-        self.fake, self.built = fake, []
-
-    def load(self, path, mesh, precision, device, placement):
-        cfg = from_dict(ModelConfig, self.config(path)["model"])
-        net = frozen_skeleton(cfg, mesh, precision, device, placement)
-        if not self.fake:
-            with torch.no_grad():
-                for p in net.parameters():
-                    local_tensor(p).normal_(0.0, 0.02)
-        self.built.append(net)
-        return net
-
-
 # ---------------------------------------------------------------- the step
 
 @contextlib.contextmanager
@@ -382,9 +187,9 @@ class _Built:
 
 def _build(cfg: Config, mesh, device: torch.device, resolve: ConfigResolver, fake: bool) -> _Built:
     """What run/train.py builds, in its order (the compile step is left out: the plan is eager's)."""
-    loader = _SkeletonLoader(resolve, fake)
+    loader = SkeletonLoader(resolve, fake)
     method_cls = METHODS[cfg.objective]
-    kwargs = {"frozen_loader": loader} if _takes_frozen_loader(method_cls) else {}
+    kwargs = {"frozen_loader": loader} if takes_frozen_loader(method_cls) else {}
     method = method_cls.build(cfg, mesh, device, **kwargs)
     with torch.device("meta"):
         model = DiT(cfg.model)
@@ -408,7 +213,7 @@ def _build(cfg: Config, mesh, device: torch.device, resolve: ConfigResolver, fak
 
 
 def _step(b: _Built, micro: int, accum: int, world: int, rank: int, device: torch.device,
-          tracker: _StepTracker | None) -> int:
+          tracker: StepTracker | None) -> int:
     """One optimizer step as run/train.py runs it; returns the gradient-shard bytes.
 
     With accumulation, two micro-batches stand for all of them: one that accumulates
@@ -464,7 +269,7 @@ def _prepare(cfg: Config, configs_dir: Path | None, activation_checkpointing: st
     notes = []
     for role in ("teacher", "stage1"):
         path = getattr(cfg.distill, role)
-        if not path or not _takes_frozen_loader(METHODS[cfg.objective]):
+        if not path or not takes_frozen_loader(METHODS[cfg.objective]):
             continue
         if resolve(path) is None:  # the teacher is the backbone the config names; a stage-1 map is its student
             teacher_cfg = resolve(cfg.distill.teacher) if role == "stage1" else None
@@ -523,7 +328,7 @@ def plan(cfg: Config, nodes: int = 1, gpus_per_node: int = 8, micro_batch: int |
         mesh = build_mesh(DistInfo(0, world, 0, gpus_per_node, device), cfg.dist.replicate)
         with FakeTensorMode(allow_non_fake_inputs=True):
             b = _build(cfg, mesh, device, resolve, fake=True)
-            tracker = _StepTracker(cfg.model.vocab_size, cfg.model.seq_len)
+            tracker = StepTracker(cfg.model.vocab_size, cfg.model.seq_len)
             tracker.label(b.params, Mem.PARAM)
             tracker.label([t for net in b.frozen for t in net.parameters()], Mem.FROZEN)
             tracker.label(b.ema.shadow.values(), Mem.EMA)
