@@ -105,7 +105,8 @@ def pretokenize(inputs: str | Sequence[str], out: str, vocab_size: int | None = 
         workers: tokenisation processes (default: all CPUs).
         val_fraction: share of documents held out when --val_inputs is not given.
         sample_bytes: bytes of training text sampled to train the tokenizer.
-        frame_tokens: tokens per zstd frame; shard_tokens: tokens per shard file; level: zstd level.
+        frame_tokens: tokens per zstd frame; shard_tokens: tokens per shard file; level: zstd level
+        (default -1: fast reads; 3 compresses about 1.3x more and reads about 0.75x as fast).
         seed: seed of the tokenizer's training sample.
         overwrite: replace an existing dataset at ``out``.
     """
