@@ -47,8 +47,8 @@ import fire
 import numpy as np
 from tqdm import tqdm
 
-from flm.data.shards import (DEFAULT_FRAME_TOKENS, DEFAULT_LEVEL, DEFAULT_SHARD_TOKENS, FRAMINGS, token_dtype,
-                             write_dataset)
+from flm.data.shard_writer import write_dataset
+from flm.data.shards import DEFAULT_FRAME_TOKENS, DEFAULT_LEVEL, DEFAULT_SHARD_TOKENS, FRAMINGS, token_dtype
 from flm.data.text import is_validation, iter_documents, resolve_inputs
 from flm.data.tokenizer import (DEFAULT_SAMPLE_BYTES, Tokenizer, build_gpt2_tokenizer, parallel_encode,
                                 train_tokenizer)
